@@ -1,0 +1,197 @@
+"""The trainer of one site: torch.distributed.run starts one copy per rank, and the ranks train `Net`
+together with DistributedDataParallel. Rank 0 talks to the NVFlare server; the others follow it."""
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import nvflare.client as flare
+from nvflare.apis.fl_constant import FLMetaKey
+from nvflare.client.tracking import SummaryWriter
+
+from data import DataError, epoch_batches, is_synthetic, load_cifar10, normalize, partition_indices
+from model import Net
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+    return value
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--data_root", default="/tmp/nvflare/data", help="folder that holds cifar-10-batches-py")
+    p.add_argument("--epochs", type=positive_int, default=2, help="local epochs per round")
+    p.add_argument("--batch_size", type=positive_int, default=32, help="batch size of each rank")
+    p.add_argument("--lr", type=positive_float, default=0.02, help="SGD learning rate (momentum 0.9)")
+    p.add_argument("--use_tracking", action="store_true", help="log metrics to TensorBoard through NVFlare")
+    p.add_argument("--site", required=True, help="this site's name, one of --sites")
+    p.add_argument("--sites", required=True, help="comma-separated names of all sites; fixes the data shards")
+    p.add_argument("--alpha", type=positive_float, default=None, help="Dirichlet label skew (default: IID shards)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shard split and the shuffles")
+    args = p.parse_args(argv)
+    args.sites = args.sites.split(",")
+    if args.site not in args.sites:
+        p.error(f"--site {args.site} is not in --sites {','.join(args.sites)}")
+    return args
+
+
+def choose_backend(gpus: int, local_rank: int, local_world_size: int) -> tuple[str, torch.device, str | None]:
+    """NCCL on this rank's own GPU when every local rank has one; gloo on the CPU otherwise.
+
+    Returns (backend, device, why the CPU was chosen or None)."""
+    if gpus >= local_world_size:
+        return "nccl", torch.device("cuda", local_rank), None
+    if gpus == 0:
+        return "gloo", torch.device("cpu"), "no CUDA device is visible"
+    return "gloo", torch.device("cpu"), (
+        f"{gpus} GPU(s) are visible for {local_world_size} ranks and NCCL needs one GPU per rank; "
+        f"lower --nproc_per_node to {gpus} to train on the GPUs")
+
+
+STOP, TRAIN, EVALUATE = 0, 1, 2
+
+
+def broadcast_task(model: torch.nn.Module, task: int, current_round: int, device: torch.device) -> tuple[int, int]:
+    """Hand rank 0's task (STOP, TRAIN or EVALUATE), round number and weights to every rank."""
+    header = torch.tensor([task, current_round], device=device)
+    dist.broadcast(header, src=0)
+    task, current_round = header.tolist()
+    if task != STOP:
+        for tensor in model.state_dict().values():
+            dist.broadcast(tensor, src=0)
+    return task, current_round
+
+
+def receive_task(model: torch.nn.Module) -> tuple[int, int]:
+    """On rank 0: the next task from the server, with its weights loaded into `model`."""
+    input_model = flare.receive() if flare.is_running() else None
+    if input_model is None:
+        return STOP, 0
+    model.load_state_dict(input_model.params)
+    return (EVALUATE if flare.is_evaluate() else TRAIN), input_model.current_round or 0
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, chunk: int = 2000) -> float:
+    """Accuracy over the whole test set; each rank scores its own slice, then the counts are summed."""
+    model.eval()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine_x, mine_y = images[rank::world], labels[rank::world]
+    correct = sum(int((model(normalize(mine_x[i:i + chunk])).argmax(1) == mine_y[i:i + chunk]).sum())
+                  for i in range(0, len(mine_y), chunk))
+    counts = torch.tensor([correct, len(mine_y)], dtype=torch.float64, device=images.device)
+    dist.all_reduce(counts)
+    return (counts[0] / counts[1]).item()
+
+
+def train(ddp: DDP, images: torch.Tensor, labels: torch.Tensor, args, first_epoch: int) -> tuple[float, int]:
+    """Local epochs on this site's shard; returns (mean training loss over all ranks, batches of all ranks)."""
+    ddp.train()
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=args.lr, momentum=0.9)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    loss_sum = torch.zeros((), device=images.device)
+    steps = 0
+    for epoch in range(first_epoch, first_epoch + args.epochs):
+        for idx in epoch_batches(len(labels), rank, world, args.batch_size, epoch, args.seed):
+            idx = idx.to(images.device)
+            loss = F.cross_entropy(ddp(normalize(images[idx])), labels[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.detach()
+            steps += 1
+    dist.all_reduce(loss_sum)
+    return loss_sum.item() / (steps * world), steps * world
+
+
+def fit(args, device: torch.device) -> None:
+    rank = dist.get_rank()
+    train_x, train_y, test_x, test_y = load_cifar10(args.data_root)
+    shard = partition_indices(train_y, args.sites, args.site, args.alpha, args.seed,
+                              min_size=args.batch_size * dist.get_world_size())
+    # The whole shard and test set stay on the device; a batch is an index op.
+    train_x, train_y = train_x[shard].to(device), train_y[shard].to(device)
+    test_x, test_y = test_x.to(device), test_y.to(device)
+    class_counts = torch.bincount(train_y, minlength=10).tolist()
+    if rank == 0:
+        kind = "SYNTHETIC stand-in" if is_synthetic(args.data_root) else "CIFAR-10"
+        print(f"{args.site}: {kind} shard of {len(shard)} training images, per class {class_counts}; "
+              f"{len(test_y)} test images", flush=True)
+
+    # (1) init: only rank 0 talks to the server.
+    flare.init(rank=rank)
+    writer = SummaryWriter() if args.use_tracking and rank == 0 else None
+    model = Net().to(device)
+    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    while True:
+        # (2) receive: rank 0 gets the global model; every rank learns what to do with it.
+        task, current_round = receive_task(model) if rank == 0 else (STOP, 0)
+        task, current_round = broadcast_task(model, task, current_round, device)
+        if task == STOP:
+            break
+
+        # (3) evaluate the global model as received: this drives NVFlare's best-model selection.
+        global_accuracy = evaluate(model, test_x, test_y)
+        if task == EVALUATE:  # the server's final check of a global model: no training
+            if rank == 0:
+                flare.send(flare.FLModel(metrics={"accuracy": global_accuracy}))
+            continue
+        # (4) train locally with DDP, each rank on its own slice of every epoch.
+        train_loss, steps = train(ddp, train_x, train_y, args, first_epoch=current_round * args.epochs)
+        local_accuracy = evaluate(model, test_x, test_y)
+
+        # (5) send: rank 0 returns the weights and metrics.
+        if rank == 0:
+            print(f"{args.site} round {current_round}: global accuracy {global_accuracy:.4f}, "
+                  f"train loss {train_loss:.4f}, local accuracy {local_accuracy:.4f}", flush=True)
+            if writer is not None:
+                writer.add_scalar("global_accuracy", global_accuracy, global_step=current_round)
+                writer.add_scalar("train_loss", train_loss, global_step=current_round)
+                writer.add_scalar("local_accuracy", local_accuracy, global_step=current_round)
+            flare.send(flare.FLModel(
+                params={k: v.cpu() for k, v in model.state_dict().items()},
+                metrics={"accuracy": global_accuracy, "local_accuracy": local_accuracy, "train_loss": train_loss},
+                meta={FLMetaKey.NUM_STEPS_CURRENT_ROUND: steps},
+            ))
+
+
+def main() -> int:
+    args = parse_args()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    backend, device, why_cpu = choose_backend(gpus, local_rank, local_world_size)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend)
+    try:
+        if dist.get_rank() == 0:
+            print(f"{args.site}: {dist.get_world_size()} rank(s), backend {backend} on {device.type}"
+                  + (f" ({why_cpu})" if why_cpu else ""), flush=True)
+        fit(args, device)
+    except (DataError, ValueError) as e:
+        print(f"{args.site} rank {dist.get_rank()}: ERROR: {e}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""Build the FedAvg job: every site trains `Net` with DDP under torch.distributed.run.
+
+Runs it in NVFlare's simulator (default), or writes the job folder for `nvflare job submit`
+(--export_config, or NVFlare's own --export --export-dir DIR)."""
+
+import argparse
+import errno
+import json
+import os
+import socket
+import sys
+
+# Importing nvflare.recipe takes NVFlare's own --export / --export-dir out of sys.argv; note them first.
+NVFLARE_EXPORT = "--export" in sys.argv[1:]
+
+from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe  # noqa: E402
+from nvflare.recipe import SimEnv, add_experiment_tracking, add_final_global_evaluation, set_per_site_config  # noqa: E402
+
+from data import DataError, batch_paths  # noqa: E402
+from model import Net  # noqa: E402
+
+EXPORT_DIR = "/tmp/nvflare/jobs/job_config"
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+    return value
+
+
+def port(text: str) -> int:
+    value = int(text)
+    if not 1024 <= value <= 65000:
+        raise argparse.ArgumentTypeError(f"must be between 1024 and 65000, got {value}")
+    return value
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--num_rounds", type=positive_int, default=5, help="FedAvg rounds")
+    p.add_argument("--use_tracking", action="store_true", help="log each site's metrics to TensorBoard")
+    p.add_argument("--export_config", action="store_true",
+                   help=f"write the job folder to {EXPORT_DIR} for `nvflare job submit` instead of running it")
+    p.add_argument("--n_clients", type=positive_int, default=2, help="number of sites, named site-1..site-N")
+    p.add_argument("--nproc_per_node", type=positive_int, default=2, help="DDP ranks (GPUs) per site")
+    p.add_argument("--master_port", type=port, default=7777,
+                   help="torchrun master port of site-1; site-N uses master_port + N - 1")
+    p.add_argument("--data_root", default="/tmp/nvflare/data", help="where each site finds cifar-10-batches-py")
+    p.add_argument("--alpha", type=positive_float, default=None,
+                   help="Dirichlet label skew across sites (small: skewed); default IID shards")
+    p.add_argument("--epochs", type=positive_int, default=2, help="local epochs per round")
+    p.add_argument("--batch_size", type=positive_int, default=32, help="batch size of each rank")
+    p.add_argument("--lr", type=positive_float, default=0.02, help="SGD learning rate")
+    p.add_argument("--workspace", default="/tmp/nvflare/simulation", help="simulator workspace root")
+    return p.parse_args(argv)
+
+
+def site_names(n_clients: int) -> list[str]:
+    return [f"site-{i}" for i in range(1, n_clients + 1)]
+
+
+def site_command(nproc_per_node: int, master_port: int) -> str:
+    # `python3` from the site's PATH: no path of this machine ends up in the job.
+    return (f"python3 -u -m torch.distributed.run --nnodes=1 --nproc_per_node={nproc_per_node} "
+            f"--master_addr=127.0.0.1 --master_port={master_port}")
+
+
+def train_args(args: argparse.Namespace, site: str, sites: list[str]) -> str:
+    parts = [f"--data_root {args.data_root}", f"--epochs {args.epochs}", f"--batch_size {args.batch_size}",
+             f"--lr {args.lr}", f"--site {site}", f"--sites {','.join(sites)}"]
+    if args.alpha is not None:
+        parts.append(f"--alpha {args.alpha}")
+    if args.use_tracking:
+        parts.append("--use_tracking")
+    return " ".join(parts)
+
+
+def build_recipe(args: argparse.Namespace):
+    sites = site_names(args.n_clients)
+    recipe = FedAvgRecipe(
+        name="pt_ddp_fedavg",
+        model=Net(),
+        min_clients=len(sites),
+        num_rounds=args.num_rounds,
+        train_script=os.path.join(HERE, "client.py"),
+        launch_external_process=True,
+        # Lets torchrun finish on its own at the end instead of being killed mid-shutdown.
+        shutdown_timeout=30.0,
+    )
+    set_per_site_config(recipe, {
+        site: {
+            "command": site_command(args.nproc_per_node, args.master_port + i),
+            "train_args": train_args(args, site, sites),
+        }
+        for i, site in enumerate(sites)
+    })
+    recipe.add_client_file(os.path.join(HERE, "data.py"))
+    recipe.add_client_file(os.path.join(HERE, "model.py"))
+    if args.use_tracking:
+        add_experiment_tracking(recipe, "tensorboard")
+    # After the last round, every site scores the final global model, which no round has evaluated.
+    add_final_global_evaluation(recipe)
+    return recipe
+
+
+def port_in_use(number: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", number))
+        except OSError as e:
+            return e.errno == errno.EADDRINUSE
+    return False
+
+
+def preflight(args: argparse.Namespace) -> None:
+    """What a local run needs, checked before any process starts."""
+    batch_paths(args.data_root)
+    for i, site in enumerate(site_names(args.n_clients)):
+        if port_in_use(args.master_port + i):
+            raise DataError(f"port {args.master_port + i} ({site}'s torchrun master port) is in use; "
+                            f"pick a free range with --master_port")
+
+
+def read_rounds(server_dir: str) -> list[dict]:
+    path = os.path.join(server_dir, "metrics", "round_metrics.jsonl")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def metric(metrics: list[dict], name: str) -> float:
+    return next(m["value"] for m in metrics if m["name"] == name)
+
+
+def summarize(workspace: str, args: argparse.Namespace) -> int:
+    """Print the per-round results; 1 if any round is missing or a site did not report."""
+    sites = site_names(args.n_clients)
+    server_dir = os.path.join(workspace, "server", "simulate_job")
+    rounds = read_rounds(server_dir)
+    print("round  global accuracy (model received)  mean train loss  sites")
+    for r in rounds:
+        m = r["aggregated_metrics"]
+        print(f"{r['round']:>5}  {metric(m, 'accuracy'):>31.4f}  {metric(m, 'train_loss'):>15.4f}  "
+              f"{','.join(sorted(s['name'] for s in r['sites']))}")
+    complete = [r for r in rounds if {s["name"] for s in r["sites"]} == set(sites)]
+    if len(complete) < args.num_rounds:
+        print(f"ERROR: the job finished {len(complete)} of {args.num_rounds} rounds with every site reporting; "
+              f"see the site logs under {workspace}", file=sys.stderr)
+        return 1
+    print(f"global model: {os.path.join(server_dir, 'app_server', 'FL_global_model.pt')}")
+    print(f"best global model: {os.path.join(server_dir, 'app_server', 'best_FL_global_model.pt')}")
+    return 0
+
+
+def main() -> int:
+    args = parse_args()
+    recipe = build_recipe(args)
+    if args.export_config:
+        try:
+            recipe.export(EXPORT_DIR)
+        except OSError as e:
+            print(f"ERROR: can't write the job folder to {EXPORT_DIR}: {e.strerror}", file=sys.stderr)
+            return 2
+        print(f"job folder written to {EXPORT_DIR}; submit it with: nvflare job submit -j {EXPORT_DIR}")
+        return 0
+
+    if not NVFLARE_EXPORT:
+        try:
+            preflight(args)
+        except DataError as e:
+            print(f"ERROR: {e}", file=sys.stderr)
+            return 2
+    # Sites run `python3` from PATH: make that this interpreter, whose environment has torch.
+    os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+    env = SimEnv(clients=site_names(args.n_clients), workspace_root=args.workspace)
+    try:
+        run = recipe.execute(env)
+    except RuntimeError as e:
+        print(f"ERROR: {e}", file=sys.stderr)
+        return 1
+    return summarize(run.get_result(), args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
