@@ -4,6 +4,7 @@ together with DistributedDataParallel. Rank 0 talks to the NVFlare server; the o
 import argparse
 import os
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -142,6 +143,7 @@ def fit(args, device: torch.device) -> None:
     while True:
         # (2) receive: rank 0 gets the global model; every rank learns what to do with it.
         task, current_round = receive_task(model) if rank == 0 else (STOP, 0)
+        started = time.perf_counter()
         task, current_round = broadcast_task(model, task, current_round, device)
         if task == STOP:
             break
@@ -166,7 +168,8 @@ def fit(args, device: torch.device) -> None:
                 writer.add_scalar("local_accuracy", local_accuracy, global_step=current_round)
             flare.send(flare.FLModel(
                 params={k: v.cpu() for k, v in model.state_dict().items()},
-                metrics={"accuracy": global_accuracy, "local_accuracy": local_accuracy, "train_loss": train_loss},
+                metrics={"accuracy": global_accuracy, "local_accuracy": local_accuracy, "train_loss": train_loss,
+                         "shard_size": len(shard), "round_seconds": time.perf_counter() - started},
                 meta={FLMetaKey.NUM_STEPS_CURRENT_ROUND: steps},
             ))
 

@@ -29,12 +29,16 @@ class DataError(Exception):
     """The dataset on disk is missing or is not CIFAR-10; the message says what to do."""
 
 
+class _ForbiddenGlobal(pickle.UnpicklingError):
+    pass
+
+
 class _CifarUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         try:
             return _ALLOWED_GLOBALS[(module, name)]
         except KeyError:
-            raise pickle.UnpicklingError(f"it refers to {module}.{name}, which a CIFAR-10 batch never does") from None
+            raise _ForbiddenGlobal(f"it refers to {module}.{name}, which a CIFAR-10 batch never does") from None
 
 
 def read_pickle(path: str):
@@ -43,10 +47,10 @@ def read_pickle(path: str):
         raw = f.read()
     try:
         return _CifarUnpickler(io.BytesIO(raw), encoding="latin1").load()
-    except pickle.UnpicklingError as e:
+    except _ForbiddenGlobal as e:
         raise DataError(f"refusing to load {path}: {e}; delete it and run prepare_data.sh again") from None
-    except Exception:
-        raise DataError(f"{path} is truncated or corrupt; delete it and run prepare_data.sh again") from None
+    except Exception as e:
+        raise DataError(f"{path} is truncated or corrupt ({e}); delete it and run prepare_data.sh again") from None
 
 
 def read_batch(path: str) -> tuple[np.ndarray, np.ndarray]:

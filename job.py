@@ -19,6 +19,7 @@ from nvflare.recipe import SimEnv, add_experiment_tracking, add_final_global_eva
 from data import DataError, batch_paths  # noqa: E402
 from model import Net  # noqa: E402
 
+JOB_NAME = "pt_ddp_fedavg"
 EXPORT_DIR = "/tmp/nvflare/jobs/job_config"
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -87,7 +88,7 @@ def train_args(args: argparse.Namespace, site: str, sites: list[str]) -> str:
 def build_recipe(args: argparse.Namespace):
     sites = site_names(args.n_clients)
     recipe = FedAvgRecipe(
-        name="pt_ddp_fedavg",
+        name=JOB_NAME,
         model=Net(),
         min_clients=len(sites),
         num_rounds=args.num_rounds,
@@ -114,6 +115,8 @@ def build_recipe(args: argparse.Namespace):
 
 def port_in_use(number: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # Like torchrun's store: a port that only lingers in TIME_WAIT is free to listen on.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", number))
         except OSError as e:
@@ -138,27 +141,48 @@ def read_rounds(server_dir: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def read_final_scores(server_dir: str) -> list[float]:
+    """Each site's test accuracy of the final global model, from the evaluation after the last round."""
+    path = os.path.join(server_dir, "cross_site_val", "cross_val_results.json")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        results = json.load(f)
+    return [scores["SRV_FL_global_model.pt"]["accuracy"] for scores in results.values()
+            if "SRV_FL_global_model.pt" in scores]
+
+
 def metric(metrics: list[dict], name: str) -> float:
     return next(m["value"] for m in metrics if m["name"] == name)
 
 
 def summarize(workspace: str, args: argparse.Namespace) -> int:
-    """Print the per-round results; 1 if any round is missing or a site did not report."""
+    """Print the results a person wants; 1 if any round is missing or a site did not report."""
     sites = site_names(args.n_clients)
     server_dir = os.path.join(workspace, "server", "simulate_job")
     rounds = read_rounds(server_dir)
-    print("round  global accuracy (model received)  mean train loss  sites")
+    print("round  global accuracy  mean train loss  slowest site (s)  sites reporting")
     for r in rounds:
         m = r["aggregated_metrics"]
-        print(f"{r['round']:>5}  {metric(m, 'accuracy'):>31.4f}  {metric(m, 'train_loss'):>15.4f}  "
+        slowest = max(metric(s["metrics"], "round_seconds") for s in r["sites"])
+        print(f"{r['round']:>5}  {metric(m, 'accuracy'):>15.4f}  {metric(m, 'train_loss'):>15.4f}  {slowest:>16.1f}  "
               f"{','.join(sorted(s['name'] for s in r['sites']))}")
     complete = [r for r in rounds if {s["name"] for s in r["sites"]} == set(sites)]
     if len(complete) < args.num_rounds:
         print(f"ERROR: the job finished {len(complete)} of {args.num_rounds} rounds with every site reporting; "
               f"see the site logs under {workspace}", file=sys.stderr)
         return 1
-    print(f"global model: {os.path.join(server_dir, 'app_server', 'FL_global_model.pt')}")
-    print(f"best global model: {os.path.join(server_dir, 'app_server', 'best_FL_global_model.pt')}")
+    shards = {s["name"]: int(metric(s["metrics"], "shard_size")) for s in rounds[-1]["sites"]}
+    print("training shards: " + ", ".join(f"{name} {shards[name]}" for name in sites))
+    print("(global accuracy: the test accuracy of the global model each site received at the start of the round)")
+
+    app_dir = os.path.join(server_dir, "app_server")
+    best = max(rounds, key=lambda r: metric(r["aggregated_metrics"], "accuracy"))
+    print(f"best global model: round {best['round']}, accuracy {metric(best['aggregated_metrics'], 'accuracy'):.4f}: "
+          f"{os.path.join(app_dir, 'best_FL_global_model.pt')}")
+    final_scores = read_final_scores(server_dir)
+    final = f"accuracy {sum(final_scores) / len(final_scores):.4f}" if final_scores else "not scored"
+    print(f"final global model: after round {rounds[-1]['round']}, {final}: {os.path.join(app_dir, 'FL_global_model.pt')}")
     return 0
 
 
@@ -171,7 +195,8 @@ def main() -> int:
         except OSError as e:
             print(f"ERROR: can't write the job folder to {EXPORT_DIR}: {e.strerror}", file=sys.stderr)
             return 2
-        print(f"job folder written to {EXPORT_DIR}; submit it with: nvflare job submit -j {EXPORT_DIR}")
+        job_dir = os.path.join(EXPORT_DIR, JOB_NAME)
+        print(f"job folder written to {job_dir}; submit it with: nvflare job submit -j {job_dir}")
         return 0
 
     if not NVFLARE_EXPORT:

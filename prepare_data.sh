@@ -6,7 +6,6 @@ set -euo pipefail
 
 DATA_ROOT="${DATA_ROOT:-/tmp/nvflare/data}"
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-PYTHON="${PYTHON:-python3}"
 
 case "${1:-}" in
   "") MODE=download ;;
@@ -19,7 +18,7 @@ mkdir -p "$DATA_ROOT"
 exec 9>"$DATA_ROOT/.prepare_data.lock"
 flock 9
 
-"$PYTHON" - "$DATA_ROOT" "$MODE" "$HERE" <<'PY'
+python3 - "$DATA_ROOT" "$MODE" "$HERE" <<'PY'
 import os, sys
 data_root, mode, here = sys.argv[1:]
 sys.path.insert(0, here)

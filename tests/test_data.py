@@ -1,0 +1,168 @@
+import os
+import pickle
+import pickletools
+
+import numpy as np
+import pytest
+import torch
+
+from data import (BATCH_DIR, IMAGE_BYTES, META_FILE, TEST_FILE, TRAIN_FILES, DataError, epoch_batches, is_synthetic,
+                  load_cifar10, normalize, partition_indices, read_batch, read_pickle, write_pickle)
+
+
+def write_dataset(root, n=4):
+    """A tiny dataset in the real layout; image i of every batch has label i % 10."""
+    folder = os.path.join(root, BATCH_DIR)
+    os.makedirs(folder, exist_ok=True)
+    for name in TRAIN_FILES + [TEST_FILE]:
+        images = np.zeros((n, IMAGE_BYTES), dtype=np.uint8)
+        write_pickle(os.path.join(folder, name),
+                     {"batch_label": name, "labels": [i % 10 for i in range(n)], "data": images,
+                      "filenames": [f"{i}.png" for i in range(n)]})
+    return folder
+
+
+def test_loader_maps_channel_major_rows_to_nchw(tmp_path):
+    folder = write_dataset(tmp_path)
+    row = np.zeros((1, IMAGE_BYTES), dtype=np.uint8)
+    row[0, 1024 + 5 * 32 + 7] = 200  # green plane, y=5, x=7
+    row[0, 2048 + 31 * 32 + 0] = 17  # blue plane, y=31, x=0
+    write_pickle(os.path.join(folder, "data_batch_2"), {"data": row, "labels": [9]})
+
+    train_x, train_y, test_x, test_y = load_cifar10(str(tmp_path))
+    assert train_x.shape == (4 * 4 + 1, 3, 32, 32) and test_x.shape == (4, 3, 32, 32)
+    assert train_x.dtype == torch.uint8 and train_y.dtype == torch.int64
+    assert int(train_y.min()) >= 0 and int(train_y.max()) <= 9
+    image = train_x[4]  # first image of data_batch_2
+    assert image[1, 5, 7] == 200 and image[2, 31, 0] == 17 and int(image.sum()) == 217
+    assert train_y[4] == 9
+
+
+def test_normalize_matches_the_seed_transform():
+    images = torch.tensor([0, 1, 127, 128, 255], dtype=torch.uint8)
+    expected = (images.float() / 255 - 0.5) / 0.5  # ToTensor, then Normalize((0.5,)*3, (0.5,)*3)
+    assert torch.allclose(normalize(images), expected, atol=1e-6)
+
+
+def test_synthetic_batches_pickle_like_the_real_files(synthetic_root):
+    folder = os.path.join(synthetic_root, BATCH_DIR)
+    with open(os.path.join(folder, "data_batch_1"), "rb") as f:
+        ops = list(pickletools.genops(f.read()))
+    globals_used = {arg for op, arg, _ in ops if op.name in ("GLOBAL", "STACK_GLOBAL")}
+    assert globals_used == {"numpy.core.multiarray _reconstruct", "numpy ndarray", "numpy dtype"}
+    assert ops[0][0].name == "PROTO" and ops[0][1] == 2
+
+
+def test_synthetic_set_is_labelled_and_shaped_like_cifar(synthetic_root):
+    assert is_synthetic(synthetic_root)
+    folder = os.path.join(synthetic_root, BATCH_DIR)
+    assert read_pickle(os.path.join(folder, "data_batch_1"))["batch_label"].startswith("SYNTHETIC")
+    assert all(name.startswith("synthetic") for name in read_pickle(os.path.join(folder, META_FILE))["label_names"])
+    train_x, train_y, test_x, test_y = load_cifar10(synthetic_root)
+    assert train_x.shape[1:] == (3, 32, 32) and len(train_y) == 10_000 and len(test_y) == 2_000
+    assert set(train_y.tolist()) == set(range(10))
+
+
+def test_synthetic_classes_are_separable_but_not_at_a_glance(synthetic_root):
+    train_x, train_y, test_x, test_y = load_cifar10(synthetic_root)
+    # Nearest class mean on raw pixels: far above chance, far from perfect.
+    means = torch.stack([normalize(train_x[train_y == c]).mean(0) for c in range(10)]).flatten(1)
+    pred = torch.cdist(normalize(test_x).flatten(1), means).argmin(1)
+    accuracy = (pred == test_y).float().mean().item()
+    assert 0.25 < accuracy < 0.9
+
+
+def test_missing_folder_names_prepare_data(tmp_path):
+    with pytest.raises(DataError, match="prepare_data.sh"):
+        load_cifar10(str(tmp_path))
+
+
+def test_missing_batch_file_is_named(tmp_path):
+    folder = write_dataset(tmp_path)
+    os.remove(os.path.join(folder, "data_batch_3"))
+    with pytest.raises(DataError, match=r"missing data_batch_3.*prepare_data.sh"):
+        load_cifar10(str(tmp_path))
+
+
+def test_truncated_batch_is_refused(tmp_path):
+    folder = write_dataset(tmp_path)
+    path = os.path.join(folder, "data_batch_1")
+    with open(path, "rb") as f:
+        raw = f.read()
+    with open(path, "wb") as f:
+        f.write(raw[: len(raw) // 2])
+    with pytest.raises(DataError, match="truncated or corrupt"):
+        load_cifar10(str(tmp_path))
+
+
+@pytest.mark.parametrize("batch, why", [
+    ({"pixels": np.zeros((2, IMAGE_BYTES), np.uint8), "labels": [0, 1]}, "no 'data'"),
+    ({"data": np.zeros((2, 100), np.uint8), "labels": [0, 1]}, "uint8 N x 3072"),
+    ({"data": np.zeros((2, IMAGE_BYTES), np.uint8), "labels": [0]}, "labels don't match"),
+    ({"data": np.zeros((2, IMAGE_BYTES), np.uint8), "labels": [0, 10]}, "outside 0-9"),
+    ([1, 2, 3], "not a CIFAR-10 batch"),
+])
+def test_batch_that_is_not_cifar_is_refused(tmp_path, batch, why):
+    path = str(tmp_path / "batch")
+    write_pickle(path, batch)
+    with pytest.raises(DataError, match=why):
+        read_batch(path)
+
+
+class _WritesMarker:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_hostile_pickle_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "data_batch_1"
+    with open(path, "wb") as f:
+        pickle.dump({"data": _WritesMarker(str(marker)), "labels": []}, f, protocol=2)
+    with pytest.raises(DataError, match="refusing to load.*io.open"):
+        read_batch(str(path))
+    assert not marker.exists()
+
+
+def test_iid_shards_are_disjoint_covering_and_seeded():
+    labels = torch.randint(0, 10, (1003,), generator=torch.Generator().manual_seed(1))
+    sites = ["site-1", "site-2", "site-3"]
+    shards = [partition_indices(labels, sites, s, alpha=None, seed=7) for s in sites]
+    joined = torch.cat(shards)
+    assert len(joined) == len(labels) and len(set(joined.tolist())) == len(labels)
+    assert max(len(s) for s in shards) - min(len(s) for s in shards) <= 1
+    assert torch.equal(shards[0], partition_indices(labels, sites, "site-1", alpha=None, seed=7))
+    assert not torch.equal(shards[0], partition_indices(labels, sites, "site-1", alpha=None, seed=8))
+
+
+def class_share(labels, shard):
+    counts = torch.bincount(labels[shard], minlength=10).float()
+    return counts / counts.sum()
+
+
+def test_small_alpha_skews_labels_and_keeps_every_site_nonempty():
+    labels = torch.arange(10_000) % 10
+    sites = [f"site-{i}" for i in range(1, 5)]
+    for alpha, skewed in ((0.1, True), (1000.0, False)):
+        shards = [partition_indices(labels, sites, s, alpha=alpha, seed=0, min_size=64) for s in sites]
+        joined = torch.cat(shards)
+        assert len(joined) == len(labels) and len(set(joined.tolist())) == len(labels)
+        assert min(len(s) for s in shards) >= 64
+        # Total variation distance between a site's label mix and the uniform one.
+        skew = max(0.5 * (class_share(labels, s) - 0.1).abs().sum().item() for s in shards)
+        assert (skew > 0.4) if skewed else (skew < 0.05)
+
+
+@pytest.mark.parametrize("n", [1000, 1001, 64])
+def test_rank_batches_are_disjoint_cover_the_epoch_and_reshuffle(n):
+    per_rank = [epoch_batches(n, rank, 2, batch_size=32, epoch=0, seed=0) for rank in range(2)]
+    assert len(per_rank[0]) == len(per_rank[1])  # DDP steps in lockstep
+    assert all(len(b) > 0 for batches in per_rank for b in batches)
+    seen = [torch.cat(batches).tolist() for batches in per_rank]
+    assert not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == list(range(n))
+    next_epoch = torch.cat(epoch_batches(n, 0, 2, batch_size=32, epoch=1, seed=0)).tolist()
+    assert next_epoch != seen[0]
