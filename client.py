@@ -137,6 +137,9 @@ def fit(args, device: torch.device) -> None:
     # (1) init: only rank 0 talks to the server.
     flare.init(rank=rank)
     writer = SummaryWriter() if args.use_tracking and rank == 0 else None
+    if writer is not None:
+        for c, count in enumerate(class_counts):
+            writer.add_scalar(f"shard_class_count/{c}", count, global_step=0)
     model = Net().to(device)
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 

@@ -128,6 +128,8 @@ def test_tracking_with_three_sites_logs_per_site_scalars(synthetic_root, tmp_pat
         events.Reload()
         for tag in ("train_loss", "global_accuracy", "local_accuracy"):
             assert [e.step for e in events.Scalars(tag)] == [0, 1], (site, tag)
+        histogram = [events.Scalars(f"shard_class_count/{c}")[0].value for c in range(10)]
+        assert sum(histogram) == int(shards.split(f"{site} ")[1].split(",")[0])
     assert processes_mentioning(workspace) == []
 
 
