@@ -2,9 +2,12 @@
 together with DistributedDataParallel. Rank 0 talks to the NVFlare server; the others follow it."""
 
 import argparse
+import ctypes
 import os
+import signal
 import sys
 import time
+import traceback
 
 import torch
 import torch.distributed as dist
@@ -13,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import nvflare.client as flare
 from nvflare.apis.fl_constant import FLMetaKey
+from nvflare.client.cell.attach_session import TrainerSessionError
 from nvflare.client.tracking import SummaryWriter
 
 from data import DataError, epoch_batches, is_synthetic, load_cifar10, normalize, partition_indices
@@ -100,6 +104,21 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
     return (counts[0] / counts[1]).item()
 
 
+def inject_fault(site: str, current_round: int) -> None:
+    """For tests only: DDP_EXAMPLE_FAULT=SITE:RANK:ROUND:KIND makes that rank fail mid-round.
+    KIND is kill (SIGKILL this rank), raise (an exception) or kill_torchrun (SIGKILL the site's torchrun)."""
+    spec = os.environ.get("DDP_EXAMPLE_FAULT", "")
+    if not spec:
+        return
+    f_site, f_rank, f_round, kind = spec.split(":")
+    if (f_site, int(f_rank), int(f_round)) != (site, dist.get_rank(), current_round):
+        return
+    print(f"{site} rank {dist.get_rank()}: injecting fault '{kind}' in round {current_round}", flush=True)
+    if kind == "raise":
+        raise RuntimeError("injected fault")
+    os.kill(os.getpid() if kind == "kill" else os.getppid(), signal.SIGKILL)
+
+
 def train(ddp: DDP, images: torch.Tensor, labels: torch.Tensor, args, first_epoch: int) -> tuple[float, int]:
     """Local epochs on this site's shard; returns (mean training loss over all ranks, batches of all ranks)."""
     ddp.train()
@@ -116,6 +135,8 @@ def train(ddp: DDP, images: torch.Tensor, labels: torch.Tensor, args, first_epoc
             optimizer.step()
             loss_sum += loss.detach()
             steps += 1
+            if steps == 1:
+                inject_fault(args.site, first_epoch // args.epochs)
     dist.all_reduce(loss_sum)
     return loss_sum.item() / (steps * world), steps * world
 
@@ -177,7 +198,26 @@ def fit(args, device: torch.device) -> None:
             ))
 
 
+# How gloo and NCCL report that a peer rank went away.
+PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "NCCL communicator was aborted")
+
+
+def fail(message: str, code: int) -> None:
+    """Leave at once: a failed rank must not wait in a collective or on NVFlare's threads."""
+    print(message, file=sys.stderr, flush=True)
+    os._exit(code)
+
+
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL this rank if its torchrun dies, so no orphan waits in a collective."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the parent was already gone
+            sys.exit(1)
+
+
 def main() -> int:
+    die_with_parent()
     args = parse_args()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
@@ -186,16 +226,23 @@ def main() -> int:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(backend)
+    rank = dist.get_rank()
     try:
-        if dist.get_rank() == 0:
+        if rank == 0:
             print(f"{args.site}: {dist.get_world_size()} rank(s), backend {backend} on {device.type}"
                   + (f" ({why_cpu})" if why_cpu else ""), flush=True)
         fit(args, device)
-    except (DataError, ValueError) as e:
-        print(f"{args.site} rank {dist.get_rank()}: ERROR: {e}", file=sys.stderr, flush=True)
-        return 2
-    finally:
-        dist.destroy_process_group()
+    except DataError as e:
+        fail(f"{args.site} rank {rank}: ERROR: {e}", code=2)
+    except TrainerSessionError as e:  # the server ended the job, usually because another site failed
+        fail(f"{args.site} rank {rank}: stopping: {e}", code=1)
+    except Exception as e:
+        traceback.print_exc()
+        if any(sign in str(e) for sign in PEER_LOST):
+            # Another rank died first: give torchrun a moment to see that one and name it as the cause.
+            time.sleep(5)
+        fail(f"{args.site} rank {rank}: ERROR: {type(e).__name__}: {e}", code=1)
+    dist.destroy_process_group()
     return 0
 
 

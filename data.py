@@ -26,7 +26,7 @@ _ALLOWED_GLOBALS = {
 
 
 class DataError(Exception):
-    """The dataset on disk is missing or is not CIFAR-10; the message says what to do."""
+    """The dataset is missing, is not CIFAR-10, or can't be split as asked; the message says what to do."""
 
 
 class _ForbiddenGlobal(pickle.UnpicklingError):
@@ -125,7 +125,7 @@ def partition_indices(labels: torch.Tensor, sites: list[str], site: str, alpha: 
             if min(len(s) for s in shards) >= min_size:
                 break
         else:
-            raise ValueError(f"alpha={alpha} leaves a site with fewer than {min_size} samples; use a larger --alpha")
+            raise DataError(f"alpha={alpha} leaves a site with fewer than {min_size} samples; use a larger --alpha")
     return torch.from_numpy(np.asarray(shards[sites.index(site)], dtype=np.int64))
 
 
@@ -137,7 +137,7 @@ def epoch_batches(n: int, rank: int, world_size: int, batch_size: int, epoch: in
     so DDP's gradient all-reduce never waits on a rank that has finished.
     """
     if n < world_size:
-        raise ValueError(f"{n} samples can't be split over {world_size} ranks")
+        raise DataError(f"{n} samples can't be split over {world_size} ranks; use fewer ranks or more data")
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     mine = torch.randperm(n, generator=g)[rank::world_size]
     # Sized from the smallest rank's share, so every chunk of every rank is non-empty.

@@ -7,6 +7,7 @@ import argparse
 import errno
 import json
 import os
+import re
 import socket
 import sys
 
@@ -152,6 +153,30 @@ def read_final_scores(server_dir: str) -> list[float]:
             if "SRV_FL_global_model.pt" in scores]
 
 
+def diagnose(workspace: str, site: str) -> str | None:
+    """What went wrong on a site, from its log: torchrun's root-cause report, or how the trainer ended."""
+    path = os.path.join(workspace, site, "log.txt")
+    if not os.path.isfile(path):
+        return None
+    with open(path, errors="replace") as f:
+        log = f.read()
+    if f"{site} rank 0: stopping:" in log:  # the server ended this site's run: a consequence, not a cause
+        return None
+    root = re.search(r"Root Cause \(first observed failure\):.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)[^\n]*?(\(SIG\w+\))?\n",
+                     log, re.S)
+    rank = root.group(1) if root else r"\d+"
+    own = re.search(r"(" + re.escape(site) + r" rank " + rank + r": ERROR: [^\n]*)", log)
+    if own:
+        return own.group(1)
+    if root:
+        _, code, sig = root.groups()
+        return f"{site} rank {rank} failed (exit code {code}{' ' + sig if sig else ''})"
+    ended = re.search(r"trainer process group exited \(rc=(-?\d+)\)", log)
+    if ended:
+        return f"{site}'s torchrun ended (rc={ended.group(1)}) before it sent a result"
+    return None
+
+
 def metric(metrics: list[dict], name: str) -> float:
     return next(m["value"] for m in metrics if m["name"] == name)
 
@@ -169,8 +194,12 @@ def summarize(workspace: str, args: argparse.Namespace) -> int:
               f"{','.join(sorted(s['name'] for s in r['sites']))}")
     complete = [r for r in rounds if {s["name"] for s in r["sites"]} == set(sites)]
     if len(complete) < args.num_rounds:
-        print(f"ERROR: the job finished {len(complete)} of {args.num_rounds} rounds with every site reporting; "
-              f"see the site logs under {workspace}", file=sys.stderr)
+        causes = [cause for cause in (diagnose(workspace, site) for site in sites) if cause]
+        print(f"ERROR: the job stopped in round {len(complete)} of {args.num_rounds}: "
+              f"{'; '.join(causes) or 'a site did not report'}. Logs: {workspace}/<site>/log.txt", file=sys.stderr)
+        if complete:
+            print(f"the global model after round {complete[-1]['round']} is kept: "
+                  f"{os.path.join(server_dir, 'app_server', 'FL_global_model.pt')}", file=sys.stderr)
         return 1
     shards = {s["name"]: int(metric(s["metrics"], "shard_size")) for s in rounds[-1]["sites"]}
     print("training shards: " + ", ".join(f"{name} {shards[name]}" for name in sites))
@@ -209,11 +238,13 @@ def main() -> int:
     os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
     env = SimEnv(clients=site_names(args.n_clients), workspace_root=args.workspace)
     try:
-        run = recipe.execute(env)
-    except RuntimeError as e:
-        print(f"ERROR: {e}", file=sys.stderr)
-        return 1
-    return summarize(run.get_result(), args)
+        workspace = recipe.execute(env).get_result()
+    except OSError as e:  # only NVFlare's --export writes files here
+        print(f"ERROR: can't write the job folder: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError:  # the simulator failed; the summary says which site and why
+        workspace = os.path.join(args.workspace, JOB_NAME)
+    return summarize(workspace, args)
 
 
 if __name__ == "__main__":

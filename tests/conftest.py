@@ -16,6 +16,27 @@ def venv_env(**extra) -> dict:
     return env
 
 
+def run_job(*args, timeout=600, **env) -> subprocess.CompletedProcess:
+    """The real `python job.py ARGS`, as a user runs it from this folder."""
+    return subprocess.run([sys.executable, os.path.join(ROOT, "job.py"), *args], cwd=ROOT, env=venv_env(**env),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def processes_of(path: str) -> list[str]:
+    """Live processes that belong to a run: their command line names `path`, or they work inside it."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+            cwd = os.readlink(f"/proc/{pid}/cwd")
+        except OSError:
+            continue
+        if int(pid) != os.getpid() and (path in cmdline or cwd.startswith(path)):
+            found.append(f"{pid}: {cmdline}")
+    return found
+
+
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> str:
     """A data root holding the synthetic stand-in, written by the real prepare_data.sh."""

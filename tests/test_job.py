@@ -3,37 +3,19 @@
 import glob
 import json
 import os
-import subprocess
+import shutil
+import socket
 import sys
 import time
 
 import pytest
 import torch
 
-from conftest import ROOT, venv_env
+from conftest import ROOT, processes_of, run_job
 from data import load_cifar10, normalize
-from model import Net
+from model import load_global_model
 
 JOB_NAME = "pt_ddp_fedavg"
-
-
-def run_job(*args, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, os.path.join(ROOT, "job.py"), *args], cwd=ROOT, env=venv_env(),
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def processes_mentioning(text: str) -> list[str]:
-    """Command lines of live processes that mention `text` (the run's workspace or data root)."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if text in cmdline and int(pid) != os.getpid():
-            found.append(cmdline)
-    return found
 
 
 def log_files(workspace: str) -> list[str]:
@@ -48,12 +30,6 @@ def round_metrics(workspace: str) -> list[dict]:
 
 def accuracy(metrics: list[dict]) -> float:
     return next(m["value"] for m in metrics if m["name"] == "accuracy")
-
-
-def load_net(path: str) -> Net:
-    net = Net()
-    net.load_state_dict(torch.load(path, weights_only=True)["model"])
-    return net
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +69,8 @@ def test_global_accuracy_climbs_well_above_chance(default_run):
 def test_global_models_load_into_net_and_best_is_the_best_round(default_run, synthetic_root):
     _, workspace = default_run
     app = os.path.join(workspace, JOB_NAME, "server", "simulate_job", "app_server")
-    load_net(os.path.join(app, "FL_global_model.pt"))
-    best = load_net(os.path.join(app, "best_FL_global_model.pt"))
+    load_global_model(os.path.join(app, "FL_global_model.pt"))
+    best = load_global_model(os.path.join(app, "best_FL_global_model.pt"))
     _, _, test_x, test_y = load_cifar10(synthetic_root)
     with torch.no_grad():
         best_accuracy = (best(normalize(test_x)).argmax(1) == test_y).float().mean().item()
@@ -102,14 +78,15 @@ def test_global_models_load_into_net_and_best_is_the_best_round(default_run, syn
                                           abs=1e-4)
 
 
-def test_clean_run_leaves_no_traceback_and_no_process(default_run):
+def test_clean_run_leaves_no_traceback_no_error_and_no_process(default_run):
     _, workspace = default_run
     logs = log_files(workspace)
     assert logs
     for path in logs:
         with open(path) as f:
-            assert "Traceback" not in f.read(), path
-    assert processes_mentioning(workspace) == []
+            log = f.read()
+        assert "Traceback" not in log and " - ERROR - " not in log and "ERROR:" not in log, path
+    assert processes_of(workspace) == []
     assert not glob.glob(os.path.join(workspace, "**", "*tfevents*"), recursive=True)  # no tracking asked for
 
 
@@ -130,7 +107,7 @@ def test_tracking_with_three_sites_logs_per_site_scalars(synthetic_root, tmp_pat
             assert [e.step for e in events.Scalars(tag)] == [0, 1], (site, tag)
         histogram = [events.Scalars(f"shard_class_count/{c}")[0].value for c in range(10)]
         assert sum(histogram) == int(shards.split(f"{site} ")[1].split(",")[0])
-    assert processes_mentioning(workspace) == []
+    assert processes_of(workspace) == []
 
 
 def test_empty_data_root_fails_fast_naming_prepare_data(tmp_path):
@@ -167,3 +144,64 @@ def test_nvflare_export_flag_still_works(tmp_path):
     result = run_job("--export", "--export-dir", str(tmp_path / "job"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert os.path.isfile(tmp_path / "job" / JOB_NAME / "meta.json")
+
+
+@pytest.mark.parametrize("bad", [["--num_rounds", "0"], ["--num_rounds", "-1"], ["--nproc_per_node", "0"],
+                                 ["--batch_size", "0"], ["--num_rounds", "five"], ["--master_port", "80"]])
+def test_bad_arguments_get_a_one_line_usage_error(bad):
+    result = run_job(*bad, timeout=120)
+    assert result.returncode == 2
+    assert "error: argument " + bad[0] in result.stderr and "Traceback" not in result.stderr
+
+
+def test_missing_batch_file_is_named_before_anything_starts(synthetic_root, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root, root)
+    os.remove(root / "cifar-10-batches-py" / "data_batch_4")
+    result = run_job("--data_root", str(root), "--workspace", str(tmp_path / "ws"), timeout=120)
+    assert result.returncode == 2
+    assert "missing data_batch_4" in result.stderr and "prepare_data.sh" in result.stderr
+
+
+def test_corrupt_batch_stops_the_job_naming_the_file(synthetic_root, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root, root)
+    path = root / "cifar-10-batches-py" / "test_batch"
+    path.write_bytes(path.read_bytes()[:1000])
+    started = time.monotonic()
+    result = run_job("--data_root", str(root), "--workspace", str(tmp_path / "ws"), "--master_port", "7840",
+                     timeout=300)
+    assert result.returncode == 1
+    assert time.monotonic() - started < 120
+    assert f"rank 0: ERROR: {path} is truncated or corrupt" in result.stderr
+    assert processes_of(str(tmp_path)) == []
+
+
+def test_taken_master_port_is_named(synthetic_root, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_job("--data_root", synthetic_root, "--workspace", str(tmp_path), "--master_port", str(port - 1),
+                         timeout=120)
+    assert result.returncode == 2
+    assert f"port {port} (site-2's torchrun master port) is in use" in result.stderr
+
+
+def test_export_into_unwritable_folder_is_one_clear_line(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    result = run_job("--export", "--export-dir", str(blocker / "job"), timeout=120)
+    assert result.returncode == 2
+    assert "ERROR: can't write the job folder" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_export_config_into_unwritable_folder_is_one_clear_line(tmp_path, monkeypatch, capsys):
+    import job
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    monkeypatch.setattr(job, "EXPORT_DIR", str(blocker / "job_config"))
+    monkeypatch.setattr(sys, "argv", ["job.py", "--export_config"])
+    assert job.main() == 2
+    assert f"ERROR: can't write the job folder to {blocker / 'job_config'}" in capsys.readouterr().err

@@ -1,6 +1,7 @@
+import pytest
 import torch
 
-from model import Net
+from model import Net, load_global_model
 
 
 def test_forward_gives_ten_logits_per_image():
@@ -16,3 +17,20 @@ def test_exchanged_weights_are_the_tutorial_cnn():
         "fc2.weight": (84, 120), "fc2.bias": (84,),
         "fc3.weight": (10, 84), "fc3.bias": (10,),
     }
+
+
+def test_global_model_checkpoint_round_trips(tmp_path):
+    net = Net()
+    torch.save({"model": net.state_dict(), "meta_props": {}}, tmp_path / "FL_global_model.pt")
+    loaded = load_global_model(str(tmp_path / "FL_global_model.pt"))
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), loaded.state_dict().values()))
+
+
+class _NotATensor:
+    pass
+
+
+def test_checkpoint_with_objects_is_refused(tmp_path):
+    torch.save({"model": _NotATensor()}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="more than tensors"):
+        load_global_model(str(tmp_path / "bad.pt"))
