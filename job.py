@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import re
+import shutil
 import socket
 import sys
 
@@ -15,7 +16,9 @@ import sys
 NVFLARE_EXPORT = "--export" in sys.argv[1:]
 
 from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe  # noqa: E402
-from nvflare.recipe import SimEnv, add_experiment_tracking, add_final_global_evaluation, set_per_site_config  # noqa: E402
+from nvflare.recipe import (PocEnv, ProdEnv, SimEnv, add_experiment_tracking, add_final_global_evaluation,  # noqa: E402
+                            set_per_site_config)
+from nvflare.tool.poc.poc_commands import get_poc_workspace  # noqa: E402
 
 from data import DataError, batch_paths  # noqa: E402
 from model import Net  # noqa: E402
@@ -62,8 +65,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs", type=positive_int, default=2, help="local epochs per round")
     p.add_argument("--batch_size", type=positive_int, default=32, help="batch size of each rank")
     p.add_argument("--lr", type=positive_float, default=0.02, help="SGD learning rate")
-    p.add_argument("--workspace", default="/tmp/nvflare/simulation", help="simulator workspace root")
-    return p.parse_args(argv)
+    p.add_argument("--env", choices=["sim", "poc", "prod"], default="sim",
+                   help="sim: NVFlare's simulator. poc: start a local POC system, run the job, stop and DELETE the "
+                        "POC workspace (refused if one exists already). prod: submit to a running system "
+                        "through --startup_kit")
+    p.add_argument("--startup_kit", help="admin startup kit folder of the system to submit to (--env prod)")
+    p.add_argument("--workspace", default="/tmp/nvflare/simulation",
+                   help="simulator workspace root; --env poc copies the job's result under it")
+    args = p.parse_args(argv)
+    if (args.env == "prod") != (args.startup_kit is not None):
+        p.error("--env prod needs --startup_kit DIR, and --startup_kit only goes with --env prod")
+    if args.startup_kit is not None and not os.path.isdir(args.startup_kit):
+        p.error(f"--startup_kit {args.startup_kit} is not a folder; give the admin's startup kit")
+    return args
 
 
 def site_names(n_clients: int) -> list[str]:
@@ -181,10 +195,11 @@ def metric(metrics: list[dict], name: str) -> float:
     return next(m["value"] for m in metrics if m["name"] == name)
 
 
-def summarize(workspace: str, args: argparse.Namespace) -> int:
-    """Print the results a person wants; 1 if any round is missing or a site did not report."""
+def summarize(server_dir: str, args: argparse.Namespace, logs_root: str | None = None) -> int:
+    """Print the results a person wants; 1 if any round is missing or a site did not report.
+
+    server_dir holds the server's metrics/ and app_server/; logs_root, where known, the sites' logs."""
     sites = site_names(args.n_clients)
-    server_dir = os.path.join(workspace, "server", "simulate_job")
     rounds = read_rounds(server_dir)
     print("round  global accuracy  mean train loss  slowest site (s)  sites reporting")
     for r in rounds:
@@ -194,9 +209,10 @@ def summarize(workspace: str, args: argparse.Namespace) -> int:
               f"{','.join(sorted(s['name'] for s in r['sites']))}")
     complete = [r for r in rounds if {s["name"] for s in r["sites"]} == set(sites)]
     if len(complete) < args.num_rounds:
-        causes = [cause for cause in (diagnose(workspace, site) for site in sites) if cause]
+        causes = [cause for cause in (diagnose(logs_root, site) for site in sites) if cause] if logs_root else []
+        where = f"{logs_root}/<site>/log.txt" if logs_root else "each site's workspace"
         print(f"ERROR: the job stopped in round {len(complete)} of {args.num_rounds}: "
-              f"{'; '.join(causes) or 'a site did not report'}. Logs: {workspace}/<site>/log.txt", file=sys.stderr)
+              f"{'; '.join(causes) or 'a site did not report'}. Logs: {where}", file=sys.stderr)
         if complete:
             print(f"the global model after round {complete[-1]['round']} is kept: "
                   f"{os.path.join(server_dir, 'app_server', 'FL_global_model.pt')}", file=sys.stderr)
@@ -228,23 +244,61 @@ def main() -> int:
         print(f"job folder written to {job_dir}; submit it with: nvflare job submit -j {job_dir}")
         return 0
 
-    if not NVFLARE_EXPORT:
+    if NVFLARE_EXPORT:
+        # With NVFlare's --export, execute() writes the job folder and exits; nothing runs.
+        env = SimEnv(clients=site_names(args.n_clients))
         try:
-            preflight(args)
-        except DataError as e:
-            print(f"ERROR: {e}", file=sys.stderr)
+            recipe.execute(env)
+        except OSError as e:
+            print(f"ERROR: can't write the job folder: {e}", file=sys.stderr)
             return 2
+    try:
+        if args.env != "prod":  # on a real system the data and ports are the sites' own
+            preflight(args)
+    except DataError as e:
+        print(f"ERROR: {e}", file=sys.stderr)
+        return 2
     # Sites run `python3` from PATH: make that this interpreter, whose environment has torch.
     os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+    if args.env == "sim":
+        return run_in_simulator(recipe, args)
+    return run_on_system(recipe, args)
+
+
+def run_in_simulator(recipe, args: argparse.Namespace) -> int:
     env = SimEnv(clients=site_names(args.n_clients), workspace_root=args.workspace)
     try:
         workspace = recipe.execute(env).get_result()
-    except OSError as e:  # only NVFlare's --export writes files here
-        print(f"ERROR: can't write the job folder: {e}", file=sys.stderr)
-        return 2
     except RuntimeError:  # the simulator failed; the summary says which site and why
         workspace = os.path.join(args.workspace, JOB_NAME)
-    return summarize(workspace, args)
+    return summarize(os.path.join(workspace, "server", "simulate_job"), args, logs_root=workspace)
+
+
+def run_on_system(recipe, args: argparse.Namespace) -> int:
+    """Submit to a POC that this run starts, or to the running system behind --startup_kit."""
+    if args.env == "poc":
+        poc_workspace = get_poc_workspace()
+        if os.path.exists(poc_workspace):
+            print(f"ERROR: a POC workspace exists at {poc_workspace}, and --env poc would stop and delete it; "
+                  f"if it is yours, submit to it with --env prod --startup_kit <its admin kit>, "
+                  f"or remove it first: nvflare poc stop; nvflare poc clean", file=sys.stderr)
+            return 2
+        env = PocEnv(clients=site_names(args.n_clients))
+    else:
+        env = ProdEnv(startup_kit_location=args.startup_kit)
+    run = recipe.execute(env)
+    print(f"submitted job {run.get_job_id()}; waiting for it to finish")
+    result = run.get_result(clean_up=False)
+    status = run.get_status()
+    if args.env == "poc" and result:
+        # The result lives inside the POC workspace, which is deleted next: keep a copy.
+        result = shutil.copytree(result, os.path.join(args.workspace, JOB_NAME, run.get_job_id()))
+        env.stop(clean_up=True)
+    print(f"job {run.get_job_id()} ended with status {status}; result: {result}")
+    if not result or status != "FINISHED:COMPLETED":
+        print(f"ERROR: job {run.get_job_id()} did not complete (status {status})", file=sys.stderr)
+        return 1
+    return summarize(os.path.join(result, "workspace"), args)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -35,6 +36,14 @@ def processes_of(path: str) -> list[str]:
         if int(pid) != os.getpid() and (path in cmdline or cwd.startswith(path)):
             found.append(f"{pid}: {cmdline}")
     return found
+
+
+def processes_left(path: str, grace: float = 30.0) -> list[str]:
+    """processes_of(path), after giving stragglers `grace` seconds to exit."""
+    deadline = time.monotonic() + grace
+    while processes_of(path) and time.monotonic() < deadline:
+        time.sleep(1)
+    return processes_of(path)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,127 @@
+"""Deployment: the exported job under the `nvflare simulator` CLI, and on a live POC system through
+`nvflare job submit`, `job.py --env prod` and `job.py --env poc`. Loopback only."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, processes_left, processes_of, run_job, venv_env
+from model import load_global_model
+
+JOB_NAME = "pt_ddp_fedavg"
+NVFLARE = os.path.join(os.path.dirname(sys.executable), "nvflare")
+POC_WORKSPACE = "/tmp/nvflare/poc"
+ADMIN_KIT = os.path.join(POC_WORKSPACE, "example_project", "prod_00", "admin@nvidia.com")
+
+
+def nvflare(*args, timeout=300, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([NVFLARE, *args], env=venv_env(), cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def export_job(synthetic_root: str, folder) -> str:
+    result = run_job("--export", "--export-dir", str(folder), "--data_root", synthetic_root, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return os.path.join(str(folder), JOB_NAME)
+
+
+def assert_finished(server_dir: str, rounds: int) -> None:
+    """Every round reported by both sites, and the final global model loads into Net."""
+    with open(os.path.join(server_dir, "metrics", "round_metrics.jsonl")) as f:
+        reported = [json.loads(line) for line in f]
+    assert [r["round"] for r in reported] == list(range(rounds))
+    assert all(sorted(s["name"] for s in r["sites"]) == ["site-1", "site-2"] for r in reported)
+    load_global_model(os.path.join(server_dir, "app_server", "FL_global_model.pt"))
+
+
+def test_exported_job_has_no_path_of_this_machine(synthetic_root, tmp_path):
+    job_dir = export_job(synthetic_root, tmp_path)
+    for folder, _, files in os.walk(job_dir):
+        for name in files:
+            with open(os.path.join(folder, name), errors="replace") as f:
+                text = f.read()
+            for local in (ROOT, os.path.expanduser("~") + "/", sys.executable, os.getcwd()):
+                assert local not in text, (name, local)
+
+
+def test_exported_job_runs_under_the_simulator_cli(synthetic_root, tmp_path):
+    job_dir = export_job(synthetic_root, tmp_path / "export")
+    workspace = str(tmp_path / "ws")
+    result = nvflare("simulator", job_dir, "-w", workspace, "-n", "2", "-t", "2", timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert_finished(os.path.join(workspace, "server", "simulate_job"), rounds=5)
+    assert processes_of(workspace) == []
+
+
+def test_env_poc_runs_the_job_on_its_own_poc_and_removes_it(synthetic_root, tmp_path):
+    assert not os.path.exists(POC_WORKSPACE), "a POC workspace exists already; this test would delete it"
+    result = run_job("--env", "poc", "--num_rounds", "2", "--data_root", synthetic_root, "--workspace", str(tmp_path),
+                     timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "ended with status FINISHED:COMPLETED" in result.stdout
+    (result_dir,) = [os.path.join(tmp_path, JOB_NAME, d) for d in os.listdir(tmp_path / JOB_NAME)]
+    assert_finished(os.path.join(result_dir, "workspace"), rounds=2)
+    assert not os.path.exists(POC_WORKSPACE)
+    assert processes_left(POC_WORKSPACE) == []
+
+
+@pytest.fixture(scope="module")
+def poc(tmp_path_factory):
+    """A POC system started with the CLI, as a user would; stopped and cleaned whatever happens."""
+    assert not os.path.exists(POC_WORKSPACE), "a POC workspace exists already; refusing to touch it"
+    log_dir = tmp_path_factory.mktemp("poc")
+    prepared = nvflare("poc", "prepare", "-n", "2", "--force", cwd=log_dir, timeout=120)
+    assert prepared.returncode == 0, prepared.stderr
+    with open(log_dir / "poc_start.log", "w") as log:
+        # `nvflare poc start` stays in the foreground: run it beside the tests.
+        starter = subprocess.Popen([NVFLARE, "poc", "start"], env=venv_env(), cwd=log_dir, stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while nvflare("job", "list", "--startup-kit", ADMIN_KIT, timeout=60).returncode != 0:
+            assert time.monotonic() < deadline, "the POC server did not come up within 120 s"
+            time.sleep(3)
+        yield ADMIN_KIT
+    finally:
+        nvflare("poc", "stop", cwd=log_dir, timeout=120)
+        try:
+            starter.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(starter.pid, signal.SIGKILL)
+        left = processes_left(POC_WORKSPACE)
+        cleaned = nvflare("poc", "clean", cwd=log_dir, timeout=60)
+    assert left == [], "POC processes outlived `nvflare poc stop`"
+    assert not os.path.exists(POC_WORKSPACE), cleaned.stdout + cleaned.stderr
+
+
+def test_exported_job_completes_on_poc_through_the_cli(poc, synthetic_root, tmp_path):
+    job_dir = export_job(synthetic_root, tmp_path / "export")
+    submitted = nvflare("job", "submit", "-j", job_dir, "--startup-kit", poc, timeout=120)
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    job_id = re.search(r"job_id: (\S+)", submitted.stdout + submitted.stderr).group(1)
+
+    waited = nvflare("job", "wait", job_id, "--timeout", "600", "--startup-kit", poc, timeout=660)
+    assert "FINISHED:COMPLETED" in waited.stdout + waited.stderr, waited.stdout + waited.stderr
+    downloaded = nvflare("job", "download", job_id, "-o", str(tmp_path / "result"), "--startup-kit", poc)
+    assert downloaded.returncode == 0, downloaded.stdout + downloaded.stderr
+    assert_finished(str(tmp_path / "result" / job_id / "workspace"), rounds=5)
+
+
+def test_env_prod_submits_to_the_running_system(poc, synthetic_root, tmp_path):
+    result = run_job("--env", "prod", "--startup_kit", poc, "--num_rounds", "2", "--data_root", synthetic_root,
+                     "--workspace", str(tmp_path), timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "ended with status FINISHED:COMPLETED" in result.stdout
+    assert "final global model: after round 1" in result.stdout
+
+
+def test_env_poc_refuses_to_replace_a_running_poc(poc, synthetic_root, tmp_path):
+    result = run_job("--env", "poc", "--data_root", synthetic_root, "--workspace", str(tmp_path), timeout=120)
+    assert result.returncode == 2
+    assert f"ERROR: a POC workspace exists at {POC_WORKSPACE}" in result.stderr
+    assert nvflare("job", "list", "--startup-kit", poc, timeout=60).returncode == 0  # still up
