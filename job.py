@@ -11,6 +11,7 @@ import re
 import shutil
 import socket
 import sys
+from datetime import datetime
 
 # Importing nvflare.recipe takes NVFlare's own --export / --export-dir out of sys.argv; note them first.
 NVFLARE_EXPORT = "--export" in sys.argv[1:]
@@ -195,18 +196,37 @@ def metric(metrics: list[dict], name: str) -> float:
     return next(m["value"] for m in metrics if m["name"] == name)
 
 
-def summarize(server_dir: str, args: argparse.Namespace, logs_root: str | None = None) -> int:
+def log_times(path: str, text: str) -> list[float]:
+    """When (epoch seconds) the log lines that contain `text` were written."""
+    times = []
+    if os.path.isfile(path):
+        with open(path, errors="replace") as f:
+            for line in f:
+                if text in line:
+                    times.append(datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp())
+    return times
+
+
+def round_seconds(server_log: str) -> list[float]:
+    """Wall time of each round: from the server sending the train task to saving the new global model."""
+    return [end - start for start, end in zip(log_times(server_log, "Sending task train"),
+                                              log_times(server_log, "End persist model on server"))]
+
+
+def summarize(server_dir: str, server_log: str, args: argparse.Namespace, logs_root: str | None = None) -> int:
     """Print the results a person wants; 1 if any round is missing or a site did not report.
 
     server_dir holds the server's metrics/ and app_server/; logs_root, where known, the sites' logs."""
     sites = site_names(args.n_clients)
     rounds = read_rounds(server_dir)
-    print("round  global accuracy  mean train loss  slowest site (s)  sites reporting")
-    for r in rounds:
+    times = round_seconds(server_log)
+    print("round  global accuracy  mean train loss  round time (s)  global accuracy as each site measured it")
+    for r, seconds in zip(rounds, times + [float("nan")] * len(rounds)):
         m = r["aggregated_metrics"]
-        slowest = max(metric(s["metrics"], "round_seconds") for s in r["sites"])
-        print(f"{r['round']:>5}  {metric(m, 'accuracy'):>15.4f}  {metric(m, 'train_loss'):>15.4f}  {slowest:>16.1f}  "
-              f"{','.join(sorted(s['name'] for s in r['sites']))}")
+        by_site = ", ".join(f"{s['name']} {metric(s['metrics'], 'accuracy'):.4f}"
+                            for s in sorted(r["sites"], key=lambda s: s["name"]))
+        print(f"{r['round']:>5}  {metric(m, 'accuracy'):>15.4f}  {metric(m, 'train_loss'):>15.4f}  {seconds:>14.1f}  "
+              f"{by_site}")
     complete = [r for r in rounds if {s["name"] for s in r["sites"]} == set(sites)]
     if len(complete) < args.num_rounds:
         causes = [cause for cause in (diagnose(logs_root, site) for site in sites) if cause] if logs_root else []
@@ -271,7 +291,8 @@ def run_in_simulator(recipe, args: argparse.Namespace) -> int:
         workspace = recipe.execute(env).get_result()
     except RuntimeError:  # the simulator failed; the summary says which site and why
         workspace = os.path.join(args.workspace, JOB_NAME)
-    return summarize(os.path.join(workspace, "server", "simulate_job"), args, logs_root=workspace)
+    return summarize(os.path.join(workspace, "server", "simulate_job"), os.path.join(workspace, "server", "log.txt"),
+                     args, logs_root=workspace)
 
 
 def run_on_system(recipe, args: argparse.Namespace) -> int:
@@ -298,7 +319,7 @@ def run_on_system(recipe, args: argparse.Namespace) -> int:
     if not result or status != "FINISHED:COMPLETED":
         print(f"ERROR: job {run.get_job_id()} did not complete (status {status})", file=sys.stderr)
         return 1
-    return summarize(os.path.join(result, "workspace"), args)
+    return summarize(os.path.join(result, "workspace"), os.path.join(result, "workspace", "log.txt"), args)
 
 
 if __name__ == "__main__":
