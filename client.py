@@ -23,6 +23,10 @@ from data import DataError, epoch_batches, is_synthetic, load_cifar10, normalize
 from model import Net
 
 
+# Local training settings; job.py offers the same defaults.
+TRAINING_DEFAULTS = {"epochs": 2, "batch_size": 64, "lr": 0.04}
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -40,9 +44,9 @@ def positive_float(text: str) -> float:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--data_root", default="/tmp/nvflare/data", help="folder that holds cifar-10-batches-py")
-    p.add_argument("--epochs", type=positive_int, default=2, help="local epochs per round")
-    p.add_argument("--batch_size", type=positive_int, default=32, help="batch size of each rank")
-    p.add_argument("--lr", type=positive_float, default=0.02, help="SGD learning rate (momentum 0.9)")
+    p.add_argument("--epochs", type=positive_int, default=TRAINING_DEFAULTS["epochs"], help="local epochs per round")
+    p.add_argument("--batch_size", type=positive_int, default=TRAINING_DEFAULTS["batch_size"], help="batch size of each rank")
+    p.add_argument("--lr", type=positive_float, default=TRAINING_DEFAULTS["lr"], help="SGD learning rate (momentum 0.9)")
     p.add_argument("--use_tracking", action="store_true", help="log metrics to TensorBoard through NVFlare")
     p.add_argument("--site", required=True, help="this site's name, one of --sites")
     p.add_argument("--sites", required=True, help="comma-separated names of all sites; fixes the data shards")

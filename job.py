@@ -21,26 +21,13 @@ from nvflare.recipe import (PocEnv, ProdEnv, SimEnv, add_experiment_tracking, ad
                             set_per_site_config)
 from nvflare.tool.poc.poc_commands import get_poc_workspace  # noqa: E402
 
+from client import TRAINING_DEFAULTS, positive_float, positive_int  # noqa: E402
 from data import DataError, batch_paths  # noqa: E402
 from model import Net  # noqa: E402
 
 JOB_NAME = "pt_ddp_fedavg"
 EXPORT_DIR = "/tmp/nvflare/jobs/job_config"
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
-    return value
 
 
 def port(text: str) -> int:
@@ -63,9 +50,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data_root", default="/tmp/nvflare/data", help="where each site finds cifar-10-batches-py")
     p.add_argument("--alpha", type=positive_float, default=None,
                    help="Dirichlet label skew across sites (small: skewed); default IID shards")
-    p.add_argument("--epochs", type=positive_int, default=2, help="local epochs per round")
-    p.add_argument("--batch_size", type=positive_int, default=32, help="batch size of each rank")
-    p.add_argument("--lr", type=positive_float, default=0.02, help="SGD learning rate")
+    p.add_argument("--epochs", type=positive_int, default=TRAINING_DEFAULTS["epochs"], help="local epochs per round")
+    p.add_argument("--batch_size", type=positive_int, default=TRAINING_DEFAULTS["batch_size"],
+                   help="batch size of each rank")
+    p.add_argument("--lr", type=positive_float, default=TRAINING_DEFAULTS["lr"], help="SGD learning rate")
     p.add_argument("--env", choices=["sim", "poc", "prod"], default="sim",
                    help="sim: NVFlare's simulator. poc: start a local POC system, run the job, stop and DELETE the "
                         "POC workspace (refused if one exists already). prod: submit to a running system "
@@ -101,9 +89,16 @@ def train_args(args: argparse.Namespace, site: str, sites: list[str]) -> str:
     return " ".join(parts)
 
 
+class QuickFedAvgRecipe(FedAvgRecipe):
+    """FedAvg whose server notices finished tasks within 0.1 s instead of NVFlare's default 0.5 s."""
+
+    def _get_controller_kwargs(self):
+        return {"task_check_period": 0.1}
+
+
 def build_recipe(args: argparse.Namespace):
     sites = site_names(args.n_clients)
-    recipe = FedAvgRecipe(
+    recipe = QuickFedAvgRecipe(
         name=JOB_NAME,
         model=Net(),
         min_clients=len(sites),
@@ -120,6 +115,8 @@ def build_recipe(args: argparse.Namespace):
         }
         for i, site in enumerate(sites)
     })
+    # A site that sent its result asks for the next task after this many seconds (NVFlare's default: 2).
+    recipe.add_server_config({"server": {"task_request_interval": 0.1}})
     recipe.add_client_file(os.path.join(HERE, "data.py"))
     recipe.add_client_file(os.path.join(HERE, "model.py"))
     if args.use_tracking:
