@@ -250,6 +250,8 @@ def summarize(server_dir: str, server_log: str, args: argparse.Namespace, logs_r
 
 def main() -> int:
     args = parse_args()
+    if args.env != "prod" and not (args.export_config or NVFLARE_EXPORT):
+        args.data_root = os.path.abspath(args.data_root)  # the sites run in folders of their own
     recipe = build_recipe(args)
     if args.export_config:
         try:
