@@ -22,6 +22,8 @@ import time
 
 import torch
 import torch.nn.functional as F
+import torchvision
+import torchvision.transforms as T
 
 from client import TRAINING_DEFAULTS
 from data import BATCH_DIR, META_FILE, epoch_batches, load_cifar10, normalize, read_pickle
@@ -62,22 +64,24 @@ def tensor_path_images_per_s(data_root: str, n: int, batch_size: int, device: to
     return n / (time.perf_counter() - started)
 
 
+class SeedStyleCIFAR10(torchvision.datasets.CIFAR10):
+    """torchvision's CIFAR10 with the seed's transforms, on any batch files: its md5 checks refuse
+    all bytes but the real dataset's, so they are skipped here."""
+
+    def __init__(self, root: str):
+        transform = T.Compose([T.ToTensor(), T.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
+        super().__init__(root, train=True, transform=transform)
+
+    def _check_integrity(self):
+        return True
+
+    def _load_meta(self):
+        self.classes = read_pickle(os.path.join(self.root, BATCH_DIR, META_FILE))["label_names"]
+
+
 def seed_path_images_per_s(data_root: str, n: int, device: torch.device) -> float:
     """The seed example's path: torchvision's dataset, PIL and transforms per sample, batch 4, 2 workers."""
-    import torchvision
-    import torchvision.transforms as T
-
-    class StandIn(torchvision.datasets.CIFAR10):
-        """torchvision's class on any batch files: its md5 checks refuse all bytes but the real dataset's."""
-
-        def _check_integrity(self):
-            return True
-
-        def _load_meta(self):
-            self.classes = read_pickle(os.path.join(self.root, BATCH_DIR, META_FILE))["label_names"]
-
-    transform = T.Compose([T.ToTensor(), T.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
-    dataset = torch.utils.data.Subset(StandIn(data_root, train=True, transform=transform), range(n))
+    dataset = torch.utils.data.Subset(SeedStyleCIFAR10(data_root), range(n))
     loader = torch.utils.data.DataLoader(dataset, batch_size=4, shuffle=True, num_workers=2)
     net = Net().to(device)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.001, momentum=0.9)

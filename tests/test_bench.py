@@ -6,6 +6,8 @@ import re
 import subprocess
 import sys
 
+import torch
+
 from conftest import ROOT, venv_env
 
 
@@ -19,3 +21,16 @@ def test_quick_bench_prints_every_item(synthetic_root):
     assert re.search(r"^2 DDP: .* \(gloo\) .* [\d.]+x the time$", out, re.M)
     assert re.search(r"^3 FL overhead per round .* [\d.]+ s +of [\d.]+ s$", out, re.M)
     assert re.search(r"^4 accuracy after 3 rounds: .* 0\.\d+ / 0\.\d+ +0\.\d+ / 0\.\d+", out, re.M)
+
+
+def test_fast_path_gives_the_seed_paths_images_and_labels(synthetic_root):
+    from bench import SeedStyleCIFAR10
+    from data import load_cifar10, normalize
+
+    seed = SeedStyleCIFAR10(synthetic_root)
+    train_x, train_y, _, _ = load_cifar10(synthetic_root)
+    assert len(seed) == len(train_y)
+    for i in (0, 1, 1999, 2000, 5555, len(seed) - 1):  # across batch-file boundaries
+        image, label = seed[i]
+        assert label == train_y[i]
+        assert torch.allclose(image, normalize(train_x[i]), atol=1e-6)
