@@ -171,8 +171,9 @@ def diagnose(workspace: str, site: str) -> str | None:
     if not os.path.isfile(path):
         return None
     with open(path, errors="replace") as f:
-        log = f.read()
-    if f"{site} rank 0: stopping:" in log:  # the server ended this site's run: a consequence, not a cause
+        # Whatever happened after the server ended this site's run is a consequence, not a cause.
+        log = f.read().split("server asked to end the run")[0]
+    if f"{site} rank 0: stopping:" in log:  # the server aborted the task this site was running
         return None
     root = re.search(r"Root Cause \(first observed failure\):.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)[^\n]*?(\(SIG\w+\))?\n",
                      log, re.S)
