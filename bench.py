@@ -27,7 +27,7 @@ import torchvision.transforms as T
 
 from client import TRAINING_DEFAULTS
 from data import BATCH_DIR, META_FILE, epoch_batches, load_cifar10, normalize, read_pickle
-from job import log_times
+from job import JOB_NAME, log_times, metric, read_final_scores, read_rounds
 from model import Net
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -140,15 +140,10 @@ def run_job(data_root: str, rounds: int, settings: dict, workspace: str) -> dict
                     data_root, "--workspace", workspace, *flags], capture_output=True, text=True, check=True,
                    timeout=3600)
     wall = time.time() - started
-    ws = os.path.join(workspace, "pt_ddp_fedavg")
+    ws = os.path.join(workspace, JOB_NAME)
     server_log = os.path.join(ws, "server", "log.txt")
-    with open(os.path.join(ws, "server", "simulate_job", "metrics", "round_metrics.jsonl")) as f:
-        rounds_done = [json.loads(line) for line in f]
-    with open(os.path.join(ws, "server", "simulate_job", "cross_site_val", "cross_val_results.json")) as f:
-        final = [scores["SRV_FL_global_model.pt"]["accuracy"] for scores in json.load(f).values()]
-
-    def site_metric(r: dict, name: str) -> list[float]:
-        return [next(m["value"] for m in s["metrics"] if m["name"] == name) for s in r["sites"]]
+    rounds_done = read_rounds(os.path.join(ws, "server", "simulate_job"))
+    final = read_final_scores(os.path.join(ws, "server", "simulate_job"))
 
     # Round r runs from "Sending task train" to the next one; the last round has no next.
     sends = log_times(server_log, "Sending task train")
@@ -158,7 +153,7 @@ def run_job(data_root: str, rounds: int, settings: dict, workspace: str) -> dict
     per_round = []
     for r in range(1, len(sends) - 1):  # round 0 includes start-up; the last has no successor
         wall_r = sends[r + 1] - sends[r]
-        compute = max(site_metric(rounds_done[r], "round_seconds"))
+        compute = max(metric(s["metrics"], "round_seconds") for s in rounds_done[r]["sites"])
         per_round.append({
             "round_wall": wall_r, "compute": compute, "overhead": wall_r - compute,
             "task_pickup": max(pickups[r * n_sites:(r + 1) * n_sites]) - sends[r],
@@ -169,8 +164,7 @@ def run_job(data_root: str, rounds: int, settings: dict, workspace: str) -> dict
     mean = lambda key: sum(p[key] for p in per_round) / len(per_round) if per_round else float("nan")  # noqa: E731
     return {
         "wall": wall,
-        "last_round_accuracy": next(m["value"] for m in rounds_done[-1]["aggregated_metrics"]
-                                    if m["name"] == "accuracy"),
+        "last_round_accuracy": metric(rounds_done[-1]["aggregated_metrics"], "accuracy"),
         "final_accuracy": sum(final) / len(final),
         "to_handshake": max(handshakes) - started,
         **{key: mean(key) for key in ("round_wall", "compute", "overhead", "task_pickup", "after_last_result")},
