@@ -12,9 +12,9 @@ import time
 import pytest
 
 from conftest import ROOT, processes_left, processes_of, run_job, venv_env
+from job import JOB_NAME
 from model import load_global_model
 
-JOB_NAME = "pt_ddp_fedavg"
 NVFLARE = os.path.join(os.path.dirname(sys.executable), "nvflare")
 POC_WORKSPACE = "/tmp/nvflare/poc"
 ADMIN_KIT = os.path.join(POC_WORKSPACE, "example_project", "prod_00", "admin@nvidia.com")

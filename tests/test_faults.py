@@ -11,6 +11,7 @@ import time
 import pytest
 
 from conftest import processes_of, run_job
+from job import JOB_NAME
 from model import load_global_model
 
 
@@ -31,5 +32,5 @@ def test_fault_stops_the_job_and_names_the_cause(fault, cause, synthetic_root, t
     assert "ERROR: the job stopped in round 1 of 3: " + cause in result.stderr
     assert processes_of(workspace) == []
     # Round 0 finished before the fault, so its global model is on disk and loads.
-    load_global_model(os.path.join(workspace, "pt_ddp_fedavg", "server", "simulate_job", "app_server",
+    load_global_model(os.path.join(workspace, JOB_NAME, "server", "simulate_job", "app_server",
                                    "FL_global_model.pt"))

@@ -11,11 +11,11 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, processes_of, run_job
+from conftest import processes_of, run_job
 from data import load_cifar10, normalize
+from job import JOB_NAME
 from model import load_global_model
 
-JOB_NAME = "pt_ddp_fedavg"
 
 
 def log_files(workspace: str) -> list[str]:
