@@ -8,6 +8,7 @@ import signal
 import sys
 import time
 import traceback
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -206,9 +207,16 @@ def fit(args, device: torch.device) -> None:
 PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "NCCL communicator was aborted")
 
 
-def fail(message: str, code: int) -> None:
-    """Leave at once: a failed rank must not wait in a collective or on NVFlare's threads."""
-    print(message, file=sys.stderr, flush=True)
+def leave(code: int, message: str = "") -> NoReturn:
+    """End this rank now, without the interpreter's teardown.
+
+    A failed rank must not wait in a collective or on NVFlare's threads. A finished rank must not
+    tear down either: gloo's worker threads can still be releasing tensors then, and a thread that
+    takes the GIL during teardown aborts the process (SIGABRT, "terminate called without an active
+    exception"; pytorch/pytorch#190489)."""
+    if message:
+        print(message, file=sys.stderr, flush=True)
+    sys.stdout.flush()
     os._exit(code)
 
 
@@ -220,7 +228,7 @@ def die_with_parent() -> None:
             sys.exit(1)
 
 
-def main() -> int:
+def main() -> NoReturn:
     die_with_parent()
     args = parse_args()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -237,18 +245,18 @@ def main() -> int:
                   + (f" ({why_cpu})" if why_cpu else ""), flush=True)
         fit(args, device)
     except DataError as e:
-        fail(f"{args.site} rank {rank}: ERROR: {e}", code=2)
+        leave(2, f"{args.site} rank {rank}: ERROR: {e}")
     except TrainerSessionError as e:  # the server ended the job, usually because another site failed
-        fail(f"{args.site} rank {rank}: stopping: {e}", code=1)
+        leave(1, f"{args.site} rank {rank}: stopping: {e}")
     except Exception as e:
         traceback.print_exc()
         if any(sign in str(e) for sign in PEER_LOST):
             # Another rank died first: give torchrun a moment to see that one and name it as the cause.
             time.sleep(5)
-        fail(f"{args.site} rank {rank}: ERROR: {type(e).__name__}: {e}", code=1)
+        leave(1, f"{args.site} rank {rank}: ERROR: {type(e).__name__}: {e}")
     dist.destroy_process_group()
-    return 0
+    leave(0)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

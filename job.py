@@ -75,8 +75,9 @@ def site_names(n_clients: int) -> list[str]:
 
 def site_command(nproc_per_node: int, master_port: int) -> str:
     # `python3` from the site's PATH: no path of this machine ends up in the job.
+    # --log-dir=/dev/null: otherwise torchrun leaves an empty /tmp/torchelastic_* folder on every run.
     return (f"python3 -u -m torch.distributed.run --nnodes=1 --nproc_per_node={nproc_per_node} "
-            f"--master_addr=127.0.0.1 --master_port={master_port}")
+            f"--master_addr=127.0.0.1 --master_port={master_port} --log-dir=/dev/null")
 
 
 def train_args(args: argparse.Namespace, site: str, sites: list[str]) -> str:

@@ -6,6 +6,7 @@ import os
 import shutil
 import socket
 import sys
+import tempfile
 import time
 
 import pytest
@@ -35,13 +36,15 @@ def accuracy(metrics: list[dict]) -> float:
 @pytest.fixture(scope="module")
 def default_run(synthetic_root, tmp_path_factory):
     workspace = str(tmp_path_factory.mktemp("sim"))
+    temp_before = set(glob.glob(os.path.join(tempfile.gettempdir(), "torchelastic_*")))
     result = run_job("--num_rounds", "3", "--data_root", synthetic_root, "--workspace", workspace,
                      "--master_port", "7810")
-    return result, workspace
+    left_in_temp = set(glob.glob(os.path.join(tempfile.gettempdir(), "torchelastic_*"))) - temp_before
+    return result, workspace, left_in_temp
 
 
 def test_job_exits_zero_and_every_site_reports_every_round(default_run):
-    result, workspace = default_run
+    result, workspace, _ = default_run
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rounds = round_metrics(workspace)
     assert [r["round"] for r in rounds] == [0, 1, 2]
@@ -51,7 +54,7 @@ def test_job_exits_zero_and_every_site_reports_every_round(default_run):
 
 
 def test_each_site_trains_with_two_gloo_ranks(default_run):
-    _, workspace = default_run
+    _, workspace, _ = default_run
     for site in ("site-1", "site-2"):
         with open(os.path.join(workspace, JOB_NAME, site, "log.txt")) as f:
             log = f.read()
@@ -60,14 +63,14 @@ def test_each_site_trains_with_two_gloo_ranks(default_run):
 
 
 def test_global_accuracy_climbs_well_above_chance(default_run):
-    _, workspace = default_run
+    _, workspace, _ = default_run
     rounds = round_metrics(workspace)
     first, last = accuracy(rounds[0]["aggregated_metrics"]), accuracy(rounds[-1]["aggregated_metrics"])
     assert last > 0.5 and last > first + 0.3
 
 
 def test_global_models_load_into_net_and_best_is_the_best_round(default_run, synthetic_root):
-    _, workspace = default_run
+    _, workspace, _ = default_run
     app = os.path.join(workspace, JOB_NAME, "server", "simulate_job", "app_server")
     load_global_model(os.path.join(app, "FL_global_model.pt"))
     best = load_global_model(os.path.join(app, "best_FL_global_model.pt"))
@@ -79,14 +82,16 @@ def test_global_models_load_into_net_and_best_is_the_best_round(default_run, syn
 
 
 def test_clean_run_leaves_no_traceback_no_error_and_no_process(default_run):
-    _, workspace = default_run
+    _, workspace, left_in_temp = default_run
     logs = log_files(workspace)
     assert logs
     for path in logs:
         with open(path) as f:
             log = f.read()
         assert "Traceback" not in log and " - ERROR - " not in log and "ERROR:" not in log, path
+        assert "terminate called" not in log, path  # a rank that aborted while exiting
     assert processes_of(workspace) == []
+    assert left_in_temp == set()  # torchrun's log folders
     assert not glob.glob(os.path.join(workspace, "**", "*tfevents*"), recursive=True)  # no tracking asked for
 
 
