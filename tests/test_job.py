@@ -81,8 +81,8 @@ def test_global_models_load_into_net_and_best_is_the_best_round(default_run, syn
                                           abs=1e-4)
 
 
-def test_clean_run_leaves_no_traceback_no_error_and_no_process(default_run):
-    _, workspace, left_in_temp = default_run
+def assert_clean(workspace: str) -> None:
+    """What a successful run leaves: no traceback or error in any log, and no process."""
     logs = log_files(workspace)
     assert logs
     for path in logs:
@@ -91,6 +91,11 @@ def test_clean_run_leaves_no_traceback_no_error_and_no_process(default_run):
         assert "Traceback" not in log and " - ERROR - " not in log and "ERROR:" not in log, path
         assert "terminate called" not in log, path  # a rank that aborted while exiting
     assert processes_of(workspace) == []
+
+
+def test_clean_run_leaves_no_traceback_no_error_and_no_process(default_run):
+    _, workspace, left_in_temp = default_run
+    assert_clean(workspace)
     assert left_in_temp == set()  # torchrun's log folders
     assert not glob.glob(os.path.join(workspace, "**", "*tfevents*"), recursive=True)  # no tracking asked for
 
@@ -112,7 +117,7 @@ def test_tracking_with_three_sites_logs_per_site_scalars(synthetic_root, tmp_pat
             assert [e.step for e in events.Scalars(tag)] == [0, 1], (site, tag)
         histogram = [events.Scalars(f"shard_class_count/{c}")[0].value for c in range(10)]
         assert sum(histogram) == int(shards.split(f"{site} ")[1].split(",")[0])
-    assert processes_of(workspace) == []
+    assert_clean(workspace)
 
 
 def test_empty_data_root_fails_fast_naming_prepare_data(tmp_path):
