@@ -163,9 +163,7 @@ def fit(args, device: torch.device) -> None:
     # (1) init: only rank 0 talks to the server.
     flare.init(rank=rank)
     writer = SummaryWriter() if args.use_tracking and rank == 0 else None
-    if writer is not None:
-        for c, count in enumerate(class_counts):
-            writer.add_scalar(f"shard_class_count/{c}", count, global_step=0)
+    histogram_logged = False
     model = Net().to(device)
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
@@ -192,6 +190,11 @@ def fit(args, device: torch.device) -> None:
             print(f"{args.site} round {current_round}: global accuracy {global_accuracy:.4f}, "
                   f"train loss {train_loss:.4f}, local accuracy {local_accuracy:.4f}", flush=True)
             if writer is not None:
+                # Not before the first task: NVFlare drops what a site logs before its run has started.
+                if not histogram_logged:
+                    for c, count in enumerate(class_counts):
+                        writer.add_scalar(f"shard_class_count/{c}", count, global_step=0)
+                    histogram_logged = True
                 writer.add_scalar("global_accuracy", global_accuracy, global_step=current_round)
                 writer.add_scalar("train_loss", train_loss, global_step=current_round)
                 writer.add_scalar("local_accuracy", local_accuracy, global_step=current_round)

@@ -117,6 +117,8 @@ def test_tracking_with_three_sites_logs_per_site_scalars(synthetic_root, tmp_pat
             assert [e.step for e in events.Scalars(tag)] == [0, 1], (site, tag)
         histogram = [events.Scalars(f"shard_class_count/{c}")[0].value for c in range(10)]
         assert sum(histogram) == int(shards.split(f"{site} ")[1].split(",")[0])
+        with open(os.path.join(workspace, JOB_NAME, site, "log.txt")) as f:
+            assert "skip the fed event firing" not in f.read()  # a scalar NVFlare dropped
     assert_clean(workspace)
 
 
