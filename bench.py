@@ -123,8 +123,8 @@ def ddp_epoch_worker(data_root: str, n: int, batch_size: int) -> None:
 
 def ddp_epoch_seconds(data_root: str, nproc: int, n: int, batch_size: int) -> dict:
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", __file__,
-         "--data_root", data_root, "--ddp_epoch", str(n), "--batch_size", str(batch_size)],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+         "--log-dir=/dev/null", __file__, "--data_root", data_root, "--ddp_epoch", str(n), "--batch_size", str(batch_size)],
         env={**os.environ, "OMP_NUM_THREADS": "1"},  # torchrun sets it for 2+ ranks only
         capture_output=True, text=True, timeout=600)
     if result.returncode:

@@ -33,7 +33,7 @@ def test_bad_arguments_are_refused(bad):
 
 def test_trainer_under_torchrun_names_prepare_data_when_data_is_missing(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--log-dir=/dev/null",
          os.path.join(ROOT, "client.py"), "--data_root", str(tmp_path), "--site", "site-1", "--sites", "site-1"],
         env=venv_env(), capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
