@@ -10,49 +10,25 @@ import time
 import traceback
 from typing import NoReturn
 
+import nvflare.client as flare
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
-
-import nvflare.client as flare
 from nvflare.apis.fl_constant import FLMetaKey
 from nvflare.client.cell.attach_session import TrainerSessionError
 from nvflare.client.tracking import SummaryWriter
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import DataError, epoch_batches, is_synthetic, load_cifar10, normalize, partition_indices
 from model import Net
-
-
-# Local training settings; job.py offers the same defaults.
-TRAINING_DEFAULTS = {"epochs": 2, "batch_size": 64, "lr": 0.04}
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
-    return value
+from protocol import ERROR, STOPPING, add_training_flags, rank_line
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--data_root", default="/tmp/nvflare/data", help="folder that holds cifar-10-batches-py")
-    p.add_argument("--epochs", type=positive_int, default=TRAINING_DEFAULTS["epochs"], help="local epochs per round")
-    p.add_argument("--batch_size", type=positive_int, default=TRAINING_DEFAULTS["batch_size"], help="batch size of each rank")
-    p.add_argument("--lr", type=positive_float, default=TRAINING_DEFAULTS["lr"], help="SGD learning rate (momentum 0.9)")
-    p.add_argument("--use_tracking", action="store_true", help="log metrics to TensorBoard through NVFlare")
+    add_training_flags(p)
     p.add_argument("--site", required=True, help="this site's name, one of --sites")
     p.add_argument("--sites", required=True, help="comma-separated names of all sites; fixes the data shards")
-    p.add_argument("--alpha", type=positive_float, default=None, help="Dirichlet label skew (default: IID shards)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the shard split and the shuffles")
     args = p.parse_args(argv)
     args.sites = args.sites.split(",")
     if args.site not in args.sites:
@@ -68,9 +44,14 @@ def choose_backend(gpus: int, local_rank: int, local_world_size: int) -> tuple[s
         return "nccl", torch.device("cuda", local_rank), None
     if gpus == 0:
         return "gloo", torch.device("cpu"), "no CUDA device is visible"
-    return "gloo", torch.device("cpu"), (
-        f"{gpus} GPU(s) are visible for {local_world_size} ranks and NCCL needs one GPU per rank; "
-        f"lower --nproc_per_node to {gpus} to train on the GPUs")
+    return (
+        "gloo",
+        torch.device("cpu"),
+        (
+            f"{gpus} GPU(s) are visible for {local_world_size} ranks and NCCL needs one GPU per rank; "
+            f"lower --nproc_per_node to {gpus} to train on the GPUs"
+        ),
+    )
 
 
 STOP, TRAIN, EVALUATE = 0, 1, 2
@@ -102,37 +83,51 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
     model.eval()
     rank, world = dist.get_rank(), dist.get_world_size()
     mine_x, mine_y = images[rank::world], labels[rank::world]
-    correct = sum(int((model(normalize(mine_x[i:i + chunk])).argmax(1) == mine_y[i:i + chunk]).sum())
-                  for i in range(0, len(mine_y), chunk))
+    correct = sum(
+        int((model(normalize(mine_x[i : i + chunk])).argmax(1) == mine_y[i : i + chunk]).sum())
+        for i in range(0, len(mine_y), chunk)
+    )
     counts = torch.tensor([correct, len(mine_y)], dtype=torch.float64, device=images.device)
     dist.all_reduce(counts)
     return (counts[0] / counts[1]).item()
 
 
-def inject_fault(site: str, current_round: int) -> None:
-    """For tests only: DDP_EXAMPLE_FAULT=SITE:RANK:ROUND:KIND makes that rank fail mid-round.
-    KIND is kill (SIGKILL this rank), raise (an exception) or kill_torchrun (SIGKILL the site's torchrun)."""
+def inject_fault(site: str, phase: str) -> None:
+    """For tests only: DDP_EXAMPLE_FAULT=SITE:RANK:PHASE:KIND makes that rank fail when it reaches PHASE:
+    `start` (before the handshake), a round number (when that round's task arrives) or `eval` (the final
+    evaluation). KIND is kill (SIGKILL this rank), raise (an exception) or kill_torchrun (SIGKILL the site's
+    torchrun)."""
     spec = os.environ.get("DDP_EXAMPLE_FAULT", "")
     if not spec:
         return
-    f_site, f_rank, f_round, kind = spec.split(":")
-    if (f_site, int(f_rank), int(f_round)) != (site, dist.get_rank(), current_round):
+    f_site, f_rank, f_phase, kind = spec.split(":")
+    if (f_site, int(f_rank), f_phase) != (site, dist.get_rank(), phase):
         return
-    print(f"{site} rank {dist.get_rank()}: injecting fault '{kind}' in round {current_round}", flush=True)
+    print(f"{site} rank {dist.get_rank()}: injecting fault '{kind}' at {phase}", flush=True)
     if kind == "raise":
         raise RuntimeError("injected fault")
     os.kill(os.getpid() if kind == "kill" else os.getppid(), signal.SIGKILL)
 
 
-def train(ddp: DDP, images: torch.Tensor, labels: torch.Tensor, args, first_epoch: int) -> tuple[float, int]:
+def train(
+    ddp: DDP,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    first_epoch: int,
+) -> tuple[float, int]:
     """Local epochs on this site's shard; returns (mean training loss over all ranks, batches of all ranks)."""
     ddp.train()
-    optimizer = torch.optim.SGD(ddp.parameters(), lr=args.lr, momentum=0.9)
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=lr, momentum=0.9)
     rank, world = dist.get_rank(), dist.get_world_size()
     loss_sum = torch.zeros((), device=images.device)
     steps = 0
-    for epoch in range(first_epoch, first_epoch + args.epochs):
-        for idx in epoch_batches(len(labels), rank, world, args.batch_size, epoch, args.seed):
+    for epoch in range(first_epoch, first_epoch + epochs):
+        for idx in epoch_batches(len(labels), rank, world, batch_size, epoch, seed):
             idx = idx.to(images.device)
             loss = F.cross_entropy(ddp(normalize(images[idx])), labels[idx])
             optimizer.zero_grad(set_to_none=True)
@@ -140,25 +135,29 @@ def train(ddp: DDP, images: torch.Tensor, labels: torch.Tensor, args, first_epoc
             optimizer.step()
             loss_sum += loss.detach()
             steps += 1
-            if steps == 1:
-                inject_fault(args.site, first_epoch // args.epochs)
     dist.all_reduce(loss_sum)
     return loss_sum.item() / (steps * world), steps * world
 
 
-def fit(args, device: torch.device) -> None:
+def run_site(args, device: torch.device) -> None:
+    """This site's part of the job: load its shard, then answer the server's tasks until it says stop."""
     rank = dist.get_rank()
     train_x, train_y, test_x, test_y = load_cifar10(args.data_root)
-    shard = partition_indices(train_y, args.sites, args.site, args.alpha, args.seed,
-                              min_size=args.batch_size * dist.get_world_size())
+    shard = partition_indices(
+        train_y, args.sites, args.site, args.alpha, args.seed, min_size=args.batch_size * dist.get_world_size()
+    )
     # The whole shard and test set stay on the device; a batch is an index op.
     train_x, train_y = train_x[shard].to(device), train_y[shard].to(device)
     test_x, test_y = test_x.to(device), test_y.to(device)
     class_counts = torch.bincount(train_y, minlength=10).tolist()
     if rank == 0:
         kind = "SYNTHETIC stand-in" if is_synthetic(args.data_root) else "CIFAR-10"
-        print(f"{args.site}: {kind} shard of {len(shard)} training images, per class {class_counts}; "
-              f"{len(test_y)} test images", flush=True)
+        print(
+            f"{args.site}: {kind} shard of {len(shard)} training images, per class {class_counts}; "
+            f"{len(test_y)} test images",
+            flush=True,
+        )
+    inject_fault(args.site, "start")
 
     # (1) init: only rank 0 talks to the server.
     flare.init(rank=rank)
@@ -174,6 +173,7 @@ def fit(args, device: torch.device) -> None:
         task, current_round = broadcast_task(model, task, current_round, device)
         if task == STOP:
             break
+        inject_fault(args.site, "eval" if task == EVALUATE else str(current_round))
 
         # (3) evaluate the global model as received: this drives NVFlare's best-model selection.
         global_accuracy = evaluate(model, test_x, test_y)
@@ -182,13 +182,25 @@ def fit(args, device: torch.device) -> None:
                 flare.send(flare.FLModel(metrics={"accuracy": global_accuracy}))
             continue
         # (4) train locally with DDP, each rank on its own slice of every epoch.
-        train_loss, steps = train(ddp, train_x, train_y, args, first_epoch=current_round * args.epochs)
+        train_loss, steps = train(
+            ddp,
+            train_x,
+            train_y,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            seed=args.seed,
+            first_epoch=current_round * args.epochs,
+        )
         local_accuracy = evaluate(model, test_x, test_y)
 
         # (5) send: rank 0 returns the weights and metrics.
         if rank == 0:
-            print(f"{args.site} round {current_round}: global accuracy {global_accuracy:.4f}, "
-                  f"train loss {train_loss:.4f}, local accuracy {local_accuracy:.4f}", flush=True)
+            print(
+                f"{args.site} round {current_round}: global accuracy {global_accuracy:.4f}, "
+                f"train loss {train_loss:.4f}, local accuracy {local_accuracy:.4f}",
+                flush=True,
+            )
             if writer is not None:
                 # Not before the first task: NVFlare drops what a site logs before its run has started.
                 if not histogram_logged:
@@ -198,12 +210,19 @@ def fit(args, device: torch.device) -> None:
                 writer.add_scalar("global_accuracy", global_accuracy, global_step=current_round)
                 writer.add_scalar("train_loss", train_loss, global_step=current_round)
                 writer.add_scalar("local_accuracy", local_accuracy, global_step=current_round)
-            flare.send(flare.FLModel(
-                params={k: v.cpu() for k, v in model.state_dict().items()},
-                metrics={"accuracy": global_accuracy, "local_accuracy": local_accuracy, "train_loss": train_loss,
-                         "shard_size": len(shard), "round_seconds": time.perf_counter() - started},
-                meta={FLMetaKey.NUM_STEPS_CURRENT_ROUND: steps},
-            ))
+            flare.send(
+                flare.FLModel(
+                    params={k: v.cpu() for k, v in model.state_dict().items()},
+                    metrics={
+                        "accuracy": global_accuracy,
+                        "local_accuracy": local_accuracy,
+                        "train_loss": train_loss,
+                        "shard_size": len(shard),
+                        "compute_seconds": time.perf_counter() - started,
+                    },
+                    meta={FLMetaKey.NUM_STEPS_CURRENT_ROUND: steps},
+                )
+            )
 
 
 # How gloo and NCCL report that a peer rank went away.
@@ -244,19 +263,22 @@ def main() -> NoReturn:
     rank = dist.get_rank()
     try:
         if rank == 0:
-            print(f"{args.site}: {dist.get_world_size()} rank(s), backend {backend} on {device.type}"
-                  + (f" ({why_cpu})" if why_cpu else ""), flush=True)
-        fit(args, device)
+            print(
+                f"{args.site}: {dist.get_world_size()} rank(s), backend {backend} on {device.type}"
+                + (f" ({why_cpu})" if why_cpu else ""),
+                flush=True,
+            )
+        run_site(args, device)
     except DataError as e:
-        leave(2, f"{args.site} rank {rank}: ERROR: {e}")
+        leave(2, rank_line(args.site, rank, ERROR, str(e)))
     except TrainerSessionError as e:  # the server ended the job, usually because another site failed
-        leave(1, f"{args.site} rank {rank}: stopping: {e}")
+        leave(1, rank_line(args.site, rank, STOPPING, str(e)))
     except Exception as e:
         traceback.print_exc()
         if any(sign in str(e) for sign in PEER_LOST):
             # Another rank died first: give torchrun a moment to see that one and name it as the cause.
             time.sleep(5)
-        leave(1, f"{args.site} rank {rank}: ERROR: {type(e).__name__}: {e}")
+        leave(1, rank_line(args.site, rank, ERROR, f"{type(e).__name__}: {e}"))
     dist.destroy_process_group()
     leave(0)
 

@@ -59,8 +59,15 @@ def read_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
     if not isinstance(batch, dict) or "data" not in batch or "labels" not in batch:
         raise DataError(f"{path} is not a CIFAR-10 batch (no 'data' and 'labels'); run prepare_data.sh again")
     images, labels = batch["data"], np.asarray(batch["labels"])
-    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 2 or images.shape[1] != IMAGE_BYTES:
-        raise DataError(f"{path} is not a CIFAR-10 batch ('data' is not uint8 N x {IMAGE_BYTES}); run prepare_data.sh again")
+    if (
+        not isinstance(images, np.ndarray)
+        or images.dtype != np.uint8
+        or images.ndim != 2
+        or images.shape[1] != IMAGE_BYTES
+    ):
+        raise DataError(
+            f"{path} is not a CIFAR-10 batch ('data' is not uint8 N x {IMAGE_BYTES}); run prepare_data.sh again"
+        )
     if labels.shape != (len(images),) or labels.dtype.kind not in "iu":
         raise DataError(f"{path} is not a CIFAR-10 batch (labels don't match the images); run prepare_data.sh again")
     if len(labels) and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
@@ -100,8 +107,9 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(127.5).sub_(1.0)
 
 
-def partition_indices(labels: torch.Tensor, sites: list[str], site: str, alpha: float | None, seed: int,
-                      min_size: int = 1) -> torch.Tensor:
+def partition_indices(
+    labels: torch.Tensor, sites: list[str], site: str, alpha: float | None, seed: int, min_size: int = 1
+) -> torch.Tensor:
     """The training indices that belong to `site`: disjoint shards that together cover the set.
 
     Every site computes all shards from the same seed and site list, and keeps its own, so no
@@ -213,16 +221,22 @@ def write_synthetic(data_root: str, per_batch: int = 2000, seed: int = 0) -> str
     templates = np.kron(rng.normal(0, 1, (NUM_CLASSES, 3, 8, 8)), np.ones((1, 1, 4, 4)))
     for name in TRAIN_FILES + [TEST_FILE]:
         labels = rng.integers(0, NUM_CLASSES, per_batch)
-        write_pickle(os.path.join(folder, name), {
-            "batch_label": f"SYNTHETIC stand-in for CIFAR-10, {name}",
-            "labels": [int(v) for v in labels],
-            "data": synthetic_images(labels, templates, rng),
-            "filenames": [f"synthetic_{name}_{i:05d}.png" for i in range(per_batch)],
-        })
-    write_pickle(os.path.join(folder, META_FILE), {
-        "synthetic": True,
-        "label_names": [f"synthetic_class_{c}" for c in range(NUM_CLASSES)],
-        "num_cases_per_batch": per_batch,
-        "num_vis": IMAGE_BYTES,
-    })
+        write_pickle(
+            os.path.join(folder, name),
+            {
+                "batch_label": f"SYNTHETIC stand-in for CIFAR-10, {name}",
+                "labels": [int(v) for v in labels],
+                "data": synthetic_images(labels, templates, rng),
+                "filenames": [f"synthetic_{name}_{i:05d}.png" for i in range(per_batch)],
+            },
+        )
+    write_pickle(
+        os.path.join(folder, META_FILE),
+        {
+            "synthetic": True,
+            "label_names": [f"synthetic_class_{c}" for c in range(NUM_CLASSES)],
+            "num_cases_per_batch": per_batch,
+            "num_vis": IMAGE_BYTES,
+        },
+    )
     return folder

@@ -1,5 +1,5 @@
 """A smoke run of bench.py: every benchmark item executes and prints its ratio. Speed itself is
-measured by running bench.py by hand (BENCHMARKS.md), not asserted here."""
+measured by running benchmarks/bench.py by hand (benchmarks/BENCHMARKS.md), not asserted here."""
 
 import os
 import re
@@ -12,8 +12,14 @@ from conftest import ROOT, venv_env
 
 
 def test_quick_bench_prints_every_item(synthetic_root):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--quick", "--data_root", synthetic_root],
-                            cwd=ROOT, env=venv_env(), capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "bench.py"), "--quick", "--data_root", synthetic_root],
+        cwd=ROOT,
+        env=venv_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout
     assert out.startswith("machine: ")
@@ -23,14 +29,14 @@ def test_quick_bench_prints_every_item(synthetic_root):
     assert re.search(r"^4 accuracy after 3 rounds: .* 0\.\d+ / 0\.\d+ +0\.\d+ / 0\.\d+", out, re.M)
 
 
-def test_fast_path_gives_the_seed_paths_images_and_labels(synthetic_root):
-    from bench import SeedStyleCIFAR10
+def test_fast_path_gives_the_original_paths_images_and_labels(synthetic_root):
+    from benchmarks.bench import OriginalStyleCIFAR10
     from data import load_cifar10, normalize
 
-    seed = SeedStyleCIFAR10(synthetic_root)
+    original = OriginalStyleCIFAR10(synthetic_root)
     train_x, train_y, _, _ = load_cifar10(synthetic_root)
-    assert len(seed) == len(train_y)
-    for i in (0, 1, 1999, 2000, 5555, len(seed) - 1):  # across batch-file boundaries
-        image, label = seed[i]
+    assert len(original) == len(train_y)
+    for i in (0, 1, 1999, 2000, 5555, len(original) - 1):  # across batch-file boundaries
+        image, label = original[i]
         assert label == train_y[i]
         assert torch.allclose(image, normalize(train_x[i]), atol=1e-6)

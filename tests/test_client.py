@@ -23,8 +23,9 @@ def test_gloo_on_cpu_when_ranks_outnumber_gpus_says_how_to_fix():
     assert (backend, device.type) == ("gloo", "cpu") and "--nproc_per_node to 1" in why
 
 
-@pytest.mark.parametrize("bad", [["--batch_size", "0"], ["--epochs", "-1"], ["--lr", "0"], ["--lr", "abc"],
-                                 ["--site", "site-9"]])
+@pytest.mark.parametrize(
+    "bad", [["--batch_size", "0"], ["--epochs", "-1"], ["--lr", "0"], ["--lr", "abc"], ["--site", "site-9"]]
+)
 def test_bad_arguments_are_refused(bad):
     with pytest.raises(SystemExit) as e:
         parse_args(["--site", "site-1", "--sites", "site-1,site-2", *bad])
@@ -33,9 +34,26 @@ def test_bad_arguments_are_refused(bad):
 
 def test_trainer_under_torchrun_names_prepare_data_when_data_is_missing(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--log-dir=/dev/null",
-         os.path.join(ROOT, "client.py"), "--data_root", str(tmp_path), "--site", "site-1", "--sites", "site-1"],
-        env=venv_env(), capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "--log-dir=/dev/null",
+            os.path.join(ROOT, "client.py"),
+            "--data_root",
+            str(tmp_path),
+            "--site",
+            "site-1",
+            "--sites",
+            "site-1",
+        ],
+        env=venv_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode != 0
     for rank in (0, 1):
         assert f"site-1 rank {rank}: ERROR: no CIFAR-10 in {tmp_path}" in result.stderr

@@ -6,8 +6,22 @@ import numpy as np
 import pytest
 import torch
 
-from data import (BATCH_DIR, IMAGE_BYTES, META_FILE, TEST_FILE, TRAIN_FILES, DataError, epoch_batches, is_synthetic,
-                  load_cifar10, normalize, partition_indices, read_batch, read_pickle, write_pickle)
+from data import (
+    BATCH_DIR,
+    IMAGE_BYTES,
+    META_FILE,
+    TEST_FILE,
+    TRAIN_FILES,
+    DataError,
+    epoch_batches,
+    is_synthetic,
+    load_cifar10,
+    normalize,
+    partition_indices,
+    read_batch,
+    read_pickle,
+    write_pickle,
+)
 
 
 def write_dataset(root, n=4):
@@ -16,9 +30,15 @@ def write_dataset(root, n=4):
     os.makedirs(folder, exist_ok=True)
     for name in TRAIN_FILES + [TEST_FILE]:
         images = np.zeros((n, IMAGE_BYTES), dtype=np.uint8)
-        write_pickle(os.path.join(folder, name),
-                     {"batch_label": name, "labels": [i % 10 for i in range(n)], "data": images,
-                      "filenames": [f"{i}.png" for i in range(n)]})
+        write_pickle(
+            os.path.join(folder, name),
+            {
+                "batch_label": name,
+                "labels": [i % 10 for i in range(n)],
+                "data": images,
+                "filenames": [f"{i}.png" for i in range(n)],
+            },
+        )
     return folder
 
 
@@ -95,13 +115,16 @@ def test_truncated_batch_is_refused(tmp_path):
         load_cifar10(str(tmp_path))
 
 
-@pytest.mark.parametrize("batch, why", [
-    ({"pixels": np.zeros((2, IMAGE_BYTES), np.uint8), "labels": [0, 1]}, "no 'data'"),
-    ({"data": np.zeros((2, 100), np.uint8), "labels": [0, 1]}, "uint8 N x 3072"),
-    ({"data": np.zeros((2, IMAGE_BYTES), np.uint8), "labels": [0]}, "labels don't match"),
-    ({"data": np.zeros((2, IMAGE_BYTES), np.uint8), "labels": [0, 10]}, "outside 0-9"),
-    ([1, 2, 3], "not a CIFAR-10 batch"),
-])
+@pytest.mark.parametrize(
+    "batch, why",
+    [
+        ({"pixels": np.zeros((2, IMAGE_BYTES), np.uint8), "labels": [0, 1]}, "no 'data'"),
+        ({"data": np.zeros((2, 100), np.uint8), "labels": [0, 1]}, "uint8 N x 3072"),
+        ({"data": np.zeros((2, IMAGE_BYTES), np.uint8), "labels": [0]}, "labels don't match"),
+        ({"data": np.zeros((2, IMAGE_BYTES), np.uint8), "labels": [0, 10]}, "outside 0-9"),
+        ([1, 2, 3], "not a CIFAR-10 batch"),
+    ],
+)
 def test_batch_that_is_not_cifar_is_refused(tmp_path, batch, why):
     path = str(tmp_path / "batch")
     write_pickle(path, batch)

@@ -12,8 +12,8 @@ import time
 import pytest
 
 from conftest import ROOT, processes_left, processes_of, run_job, venv_env
-from job import JOB_NAME
 from model import load_global_model
+from results import JOB_NAME
 
 NVFLARE = os.path.join(os.path.dirname(sys.executable), "nvflare")
 POC_WORKSPACE = "/tmp/nvflare/poc"
@@ -60,8 +60,9 @@ def test_exported_job_runs_under_the_simulator_cli(synthetic_root, tmp_path):
 
 def test_env_poc_runs_the_job_on_its_own_poc_and_removes_it(synthetic_root, tmp_path):
     assert not os.path.exists(POC_WORKSPACE), "a POC workspace exists already; this test would delete it"
-    result = run_job("--env", "poc", "--num_rounds", "2", "--data_root", synthetic_root, "--workspace", str(tmp_path),
-                     timeout=600)
+    result = run_job(
+        "--env", "poc", "--num_rounds", "2", "--data_root", synthetic_root, "--workspace", str(tmp_path), timeout=600
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "ended with status FINISHED:COMPLETED" in result.stdout
     (result_dir,) = [os.path.join(tmp_path, JOB_NAME, d) for d in os.listdir(tmp_path / JOB_NAME)]
@@ -79,8 +80,14 @@ def poc(tmp_path_factory):
     assert prepared.returncode == 0, prepared.stderr
     with open(log_dir / "poc_start.log", "w") as log:
         # `nvflare poc start` stays in the foreground: run it beside the tests.
-        starter = subprocess.Popen([NVFLARE, "poc", "start"], env=venv_env(), cwd=log_dir, stdout=log,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+        starter = subprocess.Popen(
+            [NVFLARE, "poc", "start"],
+            env=venv_env(),
+            cwd=log_dir,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + 120
         while nvflare("job", "list", "--startup-kit", ADMIN_KIT, timeout=60).returncode != 0:
@@ -115,8 +122,19 @@ def test_exported_job_completes_on_poc_through_the_cli(poc, synthetic_root, tmp_
 
 
 def test_env_prod_submits_to_the_running_system(poc, synthetic_root, tmp_path):
-    result = run_job("--env", "prod", "--startup_kit", poc, "--num_rounds", "2", "--data_root", synthetic_root,
-                     "--workspace", str(tmp_path), timeout=600)
+    result = run_job(
+        "--env",
+        "prod",
+        "--startup_kit",
+        poc,
+        "--num_rounds",
+        "2",
+        "--data_root",
+        synthetic_root,
+        "--workspace",
+        str(tmp_path),
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "ended with status FINISHED:COMPLETED" in result.stdout
     assert "final global model: after round 1" in result.stdout

@@ -12,33 +12,19 @@ import time
 import pytest
 import torch
 
-from conftest import processes_of, run_job
+from conftest import assert_clean, processes_of, round_metrics, run_job
 from data import load_cifar10, normalize
-from job import JOB_NAME
 from model import load_global_model
-
-
-
-def log_files(workspace: str) -> list[str]:
-    return [p for p in glob.glob(os.path.join(workspace, "**", "*.txt"), recursive=True) if "log" in os.path.basename(p)]
-
-
-def round_metrics(workspace: str) -> list[dict]:
-    path = os.path.join(workspace, JOB_NAME, "server", "simulate_job", "metrics", "round_metrics.jsonl")
-    with open(path) as f:
-        return [json.loads(line) for line in f]
-
-
-def accuracy(metrics: list[dict]) -> float:
-    return next(m["value"] for m in metrics if m["name"] == "accuracy")
+from results import JOB_NAME, metric
 
 
 @pytest.fixture(scope="module")
 def default_run(synthetic_root, tmp_path_factory):
     workspace = str(tmp_path_factory.mktemp("sim"))
     temp_before = set(glob.glob(os.path.join(tempfile.gettempdir(), "torchelastic_*")))
-    result = run_job("--num_rounds", "3", "--data_root", synthetic_root, "--workspace", workspace,
-                     "--master_port", "7810")
+    result = run_job(
+        "--num_rounds", "3", "--data_root", synthetic_root, "--workspace", workspace, "--master_port", "7810"
+    )
     left_in_temp = set(glob.glob(os.path.join(tempfile.gettempdir(), "torchelastic_*"))) - temp_before
     return result, workspace, left_in_temp
 
@@ -65,7 +51,10 @@ def test_each_site_trains_with_two_gloo_ranks(default_run):
 def test_global_accuracy_climbs_well_above_chance(default_run):
     _, workspace, _ = default_run
     rounds = round_metrics(workspace)
-    first, last = accuracy(rounds[0]["aggregated_metrics"]), accuracy(rounds[-1]["aggregated_metrics"])
+    first, last = (
+        metric(rounds[0]["aggregated_metrics"], "accuracy"),
+        metric(rounds[-1]["aggregated_metrics"], "accuracy"),
+    )
     assert last > 0.5 and last > first + 0.3
 
 
@@ -77,20 +66,9 @@ def test_global_models_load_into_net_and_best_is_the_best_round(default_run, syn
     _, _, test_x, test_y = load_cifar10(synthetic_root)
     with torch.no_grad():
         best_accuracy = (best(normalize(test_x)).argmax(1) == test_y).float().mean().item()
-    assert best_accuracy == pytest.approx(max(accuracy(r["aggregated_metrics"]) for r in round_metrics(workspace)),
-                                          abs=1e-4)
-
-
-def assert_clean(workspace: str) -> None:
-    """What a successful run leaves: no traceback or error in any log, and no process."""
-    logs = log_files(workspace)
-    assert logs
-    for path in logs:
-        with open(path) as f:
-            log = f.read()
-        assert "Traceback" not in log and " - ERROR - " not in log and "ERROR:" not in log, path
-        assert "terminate called" not in log, path  # a rank that aborted while exiting
-    assert processes_of(workspace) == []
+    assert best_accuracy == pytest.approx(
+        max(metric(r["aggregated_metrics"], "accuracy") for r in round_metrics(workspace)), abs=1e-4
+    )
 
 
 def test_clean_run_leaves_no_traceback_no_error_and_no_process(default_run):
@@ -104,8 +82,19 @@ def test_tracking_with_three_sites_logs_per_site_scalars(synthetic_root, tmp_pat
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     workspace = str(tmp_path)
-    result = run_job("--num_rounds", "2", "--n_clients", "3", "--use_tracking", "--data_root", synthetic_root,
-                     "--workspace", workspace, "--master_port", "7820")
+    result = run_job(
+        "--num_rounds",
+        "2",
+        "--n_clients",
+        "3",
+        "--use_tracking",
+        "--data_root",
+        synthetic_root,
+        "--workspace",
+        workspace,
+        "--master_port",
+        "7820",
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert all(len(r["sites"]) == 3 for r in round_metrics(workspace))
     shards = result.stdout.split("training shards: ")[1].splitlines()[0]
@@ -139,8 +128,7 @@ def test_export_config_writes_one_app_per_site_with_its_own_port():
         deploy_map = json.load(f)["deploy_map"]
     ports = set()
     for site in ("site-1", "site-2"):
-        config = glob.glob(os.path.join(job_dir, "**", f"*{site}*", "config", "config_fed_client.json"),
-                           recursive=True)
+        config = glob.glob(os.path.join(job_dir, "**", f"*{site}*", "config", "config_fed_client.json"), recursive=True)
         assert len(config) == 1, deploy_map
         with open(config[0]) as f:
             command = json.load(f)["executors"][0]["executor"]["args"]["command"]
@@ -148,7 +136,7 @@ def test_export_config_writes_one_app_per_site_with_its_own_port():
         assert f"--site {site}" in " ".join(command)
         ports |= {part for part in command if part.startswith("--master_port=")}
         custom = os.path.join(os.path.dirname(os.path.dirname(config[0])), "custom")
-        assert {"client.py", "data.py", "model.py"} <= set(os.listdir(custom))
+        assert {"client.py", "data.py", "model.py", "protocol.py"} <= set(os.listdir(custom))
     assert len(ports) == 2
 
 
@@ -158,8 +146,17 @@ def test_nvflare_export_flag_still_works(tmp_path):
     assert os.path.isfile(tmp_path / "job" / JOB_NAME / "meta.json")
 
 
-@pytest.mark.parametrize("bad", [["--num_rounds", "0"], ["--num_rounds", "-1"], ["--nproc_per_node", "0"],
-                                 ["--batch_size", "0"], ["--num_rounds", "five"], ["--master_port", "80"]])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["--num_rounds", "0"],
+        ["--num_rounds", "-1"],
+        ["--nproc_per_node", "0"],
+        ["--batch_size", "0"],
+        ["--num_rounds", "five"],
+        ["--master_port", "80"],
+    ],
+)
 def test_bad_arguments_get_a_one_line_usage_error(bad):
     result = run_job(*bad, timeout=120)
     assert result.returncode == 2
@@ -181,8 +178,9 @@ def test_corrupt_batch_stops_the_job_naming_the_file(synthetic_root, tmp_path):
     path = root / "cifar-10-batches-py" / "test_batch"
     path.write_bytes(path.read_bytes()[:1000])
     started = time.monotonic()
-    result = run_job("--data_root", str(root), "--workspace", str(tmp_path / "ws"), "--master_port", "7840",
-                     timeout=300)
+    result = run_job(
+        "--data_root", str(root), "--workspace", str(tmp_path / "ws"), "--master_port", "7840", timeout=300
+    )
     assert result.returncode == 1
     assert time.monotonic() - started < 120
     assert f"rank 0: ERROR: {path} is truncated or corrupt" in result.stderr
@@ -194,8 +192,9 @@ def test_taken_master_port_is_named(synthetic_root, tmp_path):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = run_job("--data_root", synthetic_root, "--workspace", str(tmp_path), "--master_port", str(port - 1),
-                         timeout=120)
+        result = run_job(
+            "--data_root", synthetic_root, "--workspace", str(tmp_path), "--master_port", str(port - 1), timeout=120
+        )
     assert result.returncode == 2
     assert f"port {port} (site-2's torchrun master port) is in use" in result.stderr
 

@@ -9,15 +9,17 @@ SCRIPT = os.path.join(ROOT, "prepare_data.sh")
 
 def test_two_synthetic_runs_at_once_leave_one_complete_dataset(tmp_path):
     env = venv_env(DATA_ROOT=str(tmp_path))
-    runs = [subprocess.Popen(["bash", SCRIPT, "--synthetic"], env=env, stdout=subprocess.PIPE, text=True)
-            for _ in range(2)]
+    runs = [
+        subprocess.Popen(["bash", SCRIPT, "--synthetic"], env=env, stdout=subprocess.PIPE, text=True) for _ in range(2)
+    ]
     outputs = [run.communicate(timeout=300)[0] for run in runs]
     assert [run.returncode for run in runs] == [0, 0]
     assert any("wrote a SYNTHETIC stand-in" in out for out in outputs)
     assert any("already in" in out for out in outputs)  # the second waited on the lock, then found it
     assert is_synthetic(str(tmp_path)) and len(load_cifar10(str(tmp_path))[1]) == 10_000
     assert sorted(os.listdir(tmp_path / BATCH_DIR)) == sorted(
-        ["batches.meta", "test_batch"] + [f"data_batch_{i}" for i in range(1, 6)])
+        ["batches.meta", "test_batch"] + [f"data_batch_{i}" for i in range(1, 6)]
+    )
 
 
 def test_download_without_network_names_the_synthetic_option(tmp_path):

@@ -1,0 +1,68 @@
+"""What job.py and the trainers it launches agree on: the training flags, declared once, and the
+lines a trainer prints that job.py reads back from the site logs."""
+
+import argparse
+import re
+
+DEFAULT_DATA_ROOT = "/tmp/nvflare/data"
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+    return value
+
+
+# Every flag that reaches client.py: job.py offers each one and passes it on through train_args().
+TRAINING_FLAGS = {
+    "data_root": {"default": DEFAULT_DATA_ROOT, "help": "folder that holds cifar-10-batches-py on every site"},
+    "epochs": {"type": positive_int, "default": 2, "help": "local epochs per round"},
+    "batch_size": {"type": positive_int, "default": 64, "help": "batch size of each rank"},
+    "lr": {"type": positive_float, "default": 0.04, "help": "SGD learning rate (momentum 0.9)"},
+    "alpha": {
+        "type": positive_float,
+        "default": None,
+        "help": "Dirichlet label skew across sites (small: skewed); default IID shards",
+    },
+    "seed": {"type": int, "default": 0, "help": "seed of the shard split and the shuffles"},
+    "use_tracking": {"action": "store_true", "help": "log each site's metrics to TensorBoard"},
+}
+
+
+def add_training_flags(parser: argparse.ArgumentParser) -> None:
+    for name, spec in TRAINING_FLAGS.items():
+        parser.add_argument(f"--{name}", **spec)
+
+
+def train_args(args: argparse.Namespace) -> str:
+    """The training flags in `args` as the trainer's command-line arguments."""
+    parts = []
+    for name, spec in TRAINING_FLAGS.items():
+        value = getattr(args, name)
+        if spec.get("action") == "store_true":
+            parts += [f"--{name}"] if value else []
+        elif value is not None:
+            parts.append(f"--{name} {value}")
+    return " ".join(parts)
+
+
+# A trainer's own report lines: "<site> rank <r>: <kind>: <text>".
+ERROR = "ERROR"  # the rank failed; the text says why
+STOPPING = "stopping"  # the server ended the run while this rank was working: a consequence, not a cause
+
+
+def rank_line(site: str, rank: int, kind: str, text: str) -> str:
+    return f"{site} rank {rank}: {kind}: {text}"
+
+
+def rank_line_pattern(site: str, kind: str, rank: str = r"\d+") -> str:
+    """A regex for rank_line(site, <rank>, kind, <text>): group 1 is the rank, group 2 the text."""
+    return re.escape(f"{site} rank ") + f"({rank})" + re.escape(f": {kind}: ") + r"([^\n]*)"

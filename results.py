@@ -1,0 +1,143 @@
+"""What a run left behind, read back: per-round metrics, final scores, round times from the server
+log, the cause of a failure from the sites' logs, and the summary job.py prints."""
+
+import json
+import os
+import re
+import sys
+from datetime import datetime
+
+from protocol import ERROR, STOPPING, rank_line_pattern
+
+JOB_NAME = "pt_ddp_fedavg"  # the job's name, and its folder in every workspace
+
+# Lines of NVFlare's and torchrun's own that the diagnosis reads, checked against nvflare 2.9.0 and torch 2.14.1.
+NVFLARE_END_RUN = "server asked to end the run"  # a site's client, when the server ends its run
+NVFLARE_TRAINER_EXITED = r"trainer process group exited \(rc=(-?\d+)\)"  # the trainer died before its result
+NVFLARE_TASK_SENT = "Sending task train"  # the server, at the start of each round
+NVFLARE_MODEL_SAVED = "End persist model on server"  # the server, at the end of each round
+TORCHRUN_ROOT_CAUSE = (
+    r"Root Cause \(first observed failure\):.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)"
+    r"[^\n]*?(\(SIG\w+\))?\n"
+)
+# NVFlare's log lines start with a timestamp such as "2026-11-27 05:30:40,123".
+LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})")
+
+
+def read_rounds(server_dir: str) -> list[dict]:
+    path = os.path.join(server_dir, "metrics", "round_metrics.jsonl")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def read_final_scores(server_dir: str) -> list[float]:
+    """Each site's test accuracy of the final global model, from the evaluation after the last round."""
+    path = os.path.join(server_dir, "cross_site_val", "cross_val_results.json")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        results = json.load(f)
+    return [
+        scores["SRV_FL_global_model.pt"]["accuracy"]
+        for scores in results.values()
+        if "SRV_FL_global_model.pt" in scores
+    ]
+
+
+def metric(metrics: list[dict], name: str) -> float:
+    return next(m["value"] for m in metrics if m["name"] == name)
+
+
+def log_times(path: str, text: str) -> list[float]:
+    """When (epoch seconds) the log lines that contain `text` were written."""
+    times = []
+    if os.path.isfile(path):
+        with open(path, errors="replace") as f:
+            for line in f:
+                stamp = LOG_TIME.match(line)
+                if stamp and text in line:
+                    times.append(datetime.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp())
+    return times
+
+
+def round_wall_times(server_log: str) -> list[float]:
+    """Wall time of each round: from the server sending the train task to saving the new global model."""
+    return [
+        end - start
+        for start, end in zip(log_times(server_log, NVFLARE_TASK_SENT), log_times(server_log, NVFLARE_MODEL_SAVED))
+    ]
+
+
+def diagnose(workspace: str, site: str) -> str | None:
+    """What went wrong on a site, from its log: torchrun's root-cause report, or how the trainer ended."""
+    path = os.path.join(workspace, site, "log.txt")
+    if not os.path.isfile(path):
+        return None
+    with open(path, errors="replace") as f:
+        # Whatever happened after the server ended this site's run is a consequence, not a cause.
+        log = f.read().split(NVFLARE_END_RUN)[0]
+    if re.search(rank_line_pattern(site, STOPPING, rank="0"), log):  # the server aborted this site's task
+        return None
+    root = re.search(TORCHRUN_ROOT_CAUSE, log, re.S)
+    own = re.search(rank_line_pattern(site, ERROR, rank=root.group(1) if root else r"\d+"), log)
+    if own:
+        return own.group(0)
+    if root:
+        rank, code, sig = root.groups()
+        return f"{site} rank {rank} failed (exit code {code}{' ' + sig if sig else ''})"
+    ended = re.search(NVFLARE_TRAINER_EXITED, log)
+    if ended:
+        return f"{site}'s torchrun ended (rc={ended.group(1)}) before it sent a result"
+    return None
+
+
+def summarize(server_dir: str, server_log: str, sites: list[str], num_rounds: int, logs_root: str | None = None) -> int:
+    """Print the results a person wants; 1 if any round is missing or a site did not report.
+
+    server_dir holds the server's metrics/ and app_server/; logs_root, where known, the sites' logs."""
+    rounds = read_rounds(server_dir)
+    times = round_wall_times(server_log)
+    print("round  global accuracy  mean train loss  round time (s)  global accuracy as each site measured it")
+    for r, seconds in zip(rounds, times + [float("nan")] * len(rounds)):
+        m = r["aggregated_metrics"]
+        by_site = ", ".join(
+            f"{s['name']} {metric(s['metrics'], 'accuracy'):.4f}" for s in sorted(r["sites"], key=lambda s: s["name"])
+        )
+        print(
+            f"{r['round']:>5}  {metric(m, 'accuracy'):>15.4f}  {metric(m, 'train_loss'):>15.4f}  {seconds:>14.1f}  "
+            f"{by_site}"
+        )
+    complete = [r for r in rounds if {s["name"] for s in r["sites"]} == set(sites)]
+    if len(complete) < num_rounds:
+        causes = [cause for cause in (diagnose(logs_root, site) for site in sites) if cause] if logs_root else []
+        where = f"{logs_root}/<site>/log.txt" if logs_root else "each site's workspace"
+        print(
+            f"ERROR: the job stopped in round {len(complete)} of {num_rounds}: "
+            f"{'; '.join(causes) or 'a site did not report'}. Logs: {where}",
+            file=sys.stderr,
+        )
+        if complete:
+            print(
+                f"the global model after round {complete[-1]['round']} is kept: "
+                f"{os.path.join(server_dir, 'app_server', 'FL_global_model.pt')}",
+                file=sys.stderr,
+            )
+        return 1
+    shards = {s["name"]: int(metric(s["metrics"], "shard_size")) for s in rounds[-1]["sites"]}
+    print("training shards: " + ", ".join(f"{name} {shards[name]}" for name in sites))
+    print("(global accuracy: the test accuracy of the global model each site received at the start of the round)")
+
+    app_dir = os.path.join(server_dir, "app_server")
+    best = max(rounds, key=lambda r: metric(r["aggregated_metrics"], "accuracy"))
+    print(
+        f"best global model: round {best['round']}, accuracy {metric(best['aggregated_metrics'], 'accuracy'):.4f}: "
+        f"{os.path.join(app_dir, 'best_FL_global_model.pt')}"
+    )
+    final_scores = read_final_scores(server_dir)
+    final = f"accuracy {sum(final_scores) / len(final_scores):.4f}" if final_scores else "not scored"
+    print(
+        f"final global model: after round {rounds[-1]['round']}, {final}: {os.path.join(app_dir, 'FL_global_model.pt')}"
+    )
+    return 0
