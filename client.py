@@ -8,6 +8,7 @@ import signal
 import sys
 import time
 import traceback
+from datetime import timedelta
 from typing import NoReturn
 
 import nvflare.client as flare
@@ -57,10 +58,17 @@ def choose_backend(gpus: int, local_rank: int, local_world_size: int) -> tuple[s
 STOP, TRAIN, EVALUATE = 0, 1, 2
 
 
-def broadcast_task(model: torch.nn.Module, task: int, current_round: int, device: torch.device) -> tuple[int, int]:
-    """Hand rank 0's task (STOP, TRAIN or EVALUATE), round number and weights to every rank."""
-    header = torch.tensor([task, current_round], device=device)
-    dist.broadcast(header, src=0)
+# How long the other ranks wait for rank 0's next task: as long as the slowest site's round and the
+# server's aggregation take, which --stall_timeout must not bound.
+TASK_WAIT = timedelta(days=1)
+
+
+def broadcast_task(model: torch.nn.Module, task: int, current_round: int, control) -> tuple[int, int]:
+    """Hand rank 0's task (STOP, TRAIN or EVALUATE), round number and weights to every rank.
+
+    The task goes over `control`, a gloo group that waits TASK_WAIT; the weights over the training group."""
+    header = torch.tensor([task, current_round])
+    dist.broadcast(header, src=0, group=control)
     task, current_round = header.tolist()
     if task != STOP:
         for tensor in model.state_dict().values():
@@ -95,8 +103,8 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
 def inject_fault(site: str, phase: str) -> None:
     """For tests only: DDP_EXAMPLE_FAULT=SITE:RANK:PHASE:KIND makes that rank fail when it reaches PHASE:
     `start` (before the handshake), a round number (when that round's task arrives) or `eval` (the final
-    evaluation). KIND is kill (SIGKILL this rank), raise (an exception) or kill_torchrun (SIGKILL the site's
-    torchrun)."""
+    evaluation). KIND is kill (SIGKILL this rank), raise (an exception), stop (SIGSTOP this rank: it hangs)
+    or kill_torchrun (SIGKILL the site's torchrun)."""
     spec = os.environ.get("DDP_EXAMPLE_FAULT", "")
     if not spec:
         return
@@ -106,7 +114,12 @@ def inject_fault(site: str, phase: str) -> None:
     print(f"{site} rank {dist.get_rank()}: injecting fault '{kind}' at {phase}", flush=True)
     if kind == "raise":
         raise RuntimeError("injected fault")
-    os.kill(os.getpid() if kind == "kill" else os.getppid(), signal.SIGKILL)
+    signals = {
+        "kill": (os.getpid(), signal.SIGKILL),
+        "stop": (os.getpid(), signal.SIGSTOP),
+        "kill_torchrun": (os.getppid(), signal.SIGKILL),
+    }
+    os.kill(*signals[kind])
 
 
 def train(
@@ -157,20 +170,22 @@ def run_site(args, device: torch.device) -> None:
             f"{len(test_y)} test images",
             flush=True,
         )
+    # Before the handshake: DDP's first collective must not wait on rank 0's handshake.
+    model = Net().to(device)
+    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    control = dist.new_group(backend="gloo", timeout=TASK_WAIT)
     inject_fault(args.site, "start")
 
     # (1) init: only rank 0 talks to the server.
     flare.init(rank=rank)
     writer = SummaryWriter() if args.use_tracking and rank == 0 else None
     histogram_logged = False
-    model = Net().to(device)
-    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     while True:
         # (2) receive: rank 0 gets the global model; every rank learns what to do with it.
         task, current_round = receive_task(model) if rank == 0 else (STOP, 0)
         started = time.perf_counter()
-        task, current_round = broadcast_task(model, task, current_round, device)
+        task, current_round = broadcast_task(model, task, current_round, control)
         if task == STOP:
             break
         inject_fault(args.site, "eval" if task == EVALUATE else str(current_round))
@@ -225,8 +240,11 @@ def run_site(args, device: torch.device) -> None:
             )
 
 
-# How gloo and NCCL report that a peer rank went away.
+# How gloo and NCCL report that a peer rank went away (torch 2.14).
 PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "NCCL communicator was aborted")
+# How gloo reports a peer that did not answer within the process group's timeout (torch 2.14). NCCL's
+# watchdog aborts the rank itself instead.
+PEER_STALLED = "Timed out waiting"
 
 
 def leave(code: int, message: str = "") -> NoReturn:
@@ -259,7 +277,8 @@ def main() -> NoReturn:
     backend, device, why_cpu = choose_backend(gpus, local_rank, local_world_size)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend)
+    # A collective inside a round that waits longer than this ends the site: a peer is stuck.
+    dist.init_process_group(backend, timeout=timedelta(seconds=args.stall_timeout))
     rank = dist.get_rank()
     try:
         if rank == 0:
@@ -275,10 +294,17 @@ def main() -> NoReturn:
         leave(1, rank_line(args.site, rank, STOPPING, str(e)))
     except Exception as e:
         traceback.print_exc()
+        stalled = PEER_STALLED in str(e)
+        why = f"a peer rank did not answer within --stall_timeout {args.stall_timeout:g} s: it is stuck or stopped"
+        print(rank_line(args.site, rank, ERROR, why if stalled else f"{type(e).__name__}: {e}"), file=sys.stderr)
+        sys.stderr.flush()
+        if stalled and "TORCHELASTIC_RUN_ID" in os.environ:
+            # torchrun would wait 30 s for a stopped rank to obey SIGTERM, twice; its end kills every rank now.
+            os.kill(os.getppid(), signal.SIGKILL)
         if any(sign in str(e) for sign in PEER_LOST):
             # Another rank died first: give torchrun a moment to see that one and name it as the cause.
             time.sleep(5)
-        leave(1, rank_line(args.site, rank, ERROR, f"{type(e).__name__}: {e}"))
+        leave(1)
     dist.destroy_process_group()
     leave(0)
 

@@ -25,9 +25,10 @@ from nvflare.recipe import (
 from nvflare.tool.poc.poc_commands import get_poc_workspace
 
 from data import DataError, batch_paths
-from model import Net
+from model import Net, load_global_model
 from protocol import add_training_flags, positive_int, train_args
 from results import JOB_NAME, summarize
+from watchdog import Stopped, Watchdog, end_all_children
 
 EXPORT_DIR = "/tmp/nvflare/jobs/job_config"
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -54,6 +55,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--master_port", type=port, default=7777, help="torchrun master port of site-1; site-N uses master_port + N - 1"
     )
     add_training_flags(p)
+    p.add_argument(
+        "--initial_model",
+        help="start from this saved global model (FL_global_model.pt or best_FL_global_model.pt of an earlier run) "
+        "instead of random weights",
+    )
     p.add_argument(
         "--env",
         choices=["sim", "poc", "prod"],
@@ -102,6 +108,8 @@ def build_recipe(args: argparse.Namespace):
         name=JOB_NAME,
         model=Net(),
         min_clients=len(sites),
+        # A relative path: the recipe copies the file into the job, so the job does not depend on it staying put.
+        initial_ckpt=os.path.relpath(args.initial_model) if args.initial_model else None,
         num_rounds=args.num_rounds,
         train_script=os.path.join(HERE, "client.py"),
         launch_external_process=True,
@@ -157,6 +165,12 @@ def preflight(args: argparse.Namespace) -> str | None:
 
 def main() -> int:
     args = parse_args()
+    if args.initial_model:
+        try:
+            load_global_model(args.initial_model)
+        except ValueError as e:
+            print(f"ERROR: --initial_model: {e}; give the FL_global_model.pt of an earlier run", file=sys.stderr)
+            return 2
     if args.env != "prod" and not (args.export_config or NVFLARE_EXPORT):
         args.data_root = os.path.abspath(args.data_root)  # the sites run in folders of their own
     recipe = build_recipe(args)
@@ -190,22 +204,31 @@ def main() -> int:
 
 
 def run_in_simulator(recipe, args: argparse.Namespace) -> int:
-    env = SimEnv(clients=site_names(args.n_clients), workspace_root=args.workspace)
-    try:
-        workspace = recipe.execute(env).get_result()
-    except RuntimeError:  # the simulator failed; the summary says which site and why
-        workspace = os.path.join(args.workspace, JOB_NAME)
-    return summarize(
+    sites = site_names(args.n_clients)
+    env = SimEnv(clients=sites, workspace_root=args.workspace)
+    workspace = os.path.join(args.workspace, JOB_NAME)
+    stopped = None
+    with Watchdog(workspace, sites, needed=len(sites)):
+        try:
+            recipe.execute(env)
+        except RuntimeError:  # the simulator failed; the summary says which site and why
+            pass
+        except Stopped as e:
+            stopped = e
+    code = summarize(
         os.path.join(workspace, "server", "simulate_job"),
         os.path.join(workspace, "server", "log.txt"),
-        site_names(args.n_clients),
+        sites,
         args.num_rounds,
         logs_root=workspace,
+        stopped_by=str(stopped) if stopped else None,
     )
+    return 128 + stopped.signum if stopped else code
 
 
 def run_on_system(recipe, args: argparse.Namespace) -> int:
     """Submit to a POC that this run starts, or to the running system behind --startup_kit."""
+    sites = site_names(args.n_clients)
     if args.env == "poc":
         poc_workspace = get_poc_workspace()
         if os.path.exists(poc_workspace):
@@ -216,27 +239,54 @@ def run_on_system(recipe, args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 2
-        env = PocEnv(clients=site_names(args.n_clients))
+        env = PocEnv(clients=sites)
     else:
         env = ProdEnv(startup_kit_location=args.startup_kit)
-    run = recipe.execute(env)
-    print(f"submitted job {run.get_job_id()}; waiting for it to finish")
-    result = run.get_result(clean_up=False)
-    status = run.get_status()
-    if args.env == "poc" and result:
-        # The result lives inside the POC workspace, which is deleted next: keep a copy.
-        result = shutil.copytree(result, os.path.join(args.workspace, JOB_NAME, run.get_job_id()))
-        env.stop(clean_up=True)
+    run = result = None
+    with Watchdog(None, sites, needed=len(sites)):
+        try:
+            run = recipe.execute(env)
+            print(f"submitted job {run.get_job_id()}; waiting for it to finish")
+            result = run.get_result(clean_up=False)
+            status = run.get_status()
+        except Stopped as e:
+            return stop_on_system(env, run, args, e)
+        finally:
+            if args.env == "poc" and result:
+                # The result lives inside the POC workspace, which is deleted next: keep a copy.
+                result = shutil.copytree(result, os.path.join(args.workspace, JOB_NAME, run.get_job_id()))
+            if args.env == "poc":
+                env.stop(clean_up=True)
     print(f"job {run.get_job_id()} ended with status {status}; result: {result}")
     if not result or status != "FINISHED:COMPLETED":
         print(f"ERROR: job {run.get_job_id()} did not complete (status {status})", file=sys.stderr)
         return 1
     return summarize(
-        os.path.join(result, "workspace"),
-        os.path.join(result, "workspace", "log.txt"),
-        site_names(args.n_clients),
-        args.num_rounds,
+        os.path.join(result, "workspace"), os.path.join(result, "workspace", "log.txt"), sites, args.num_rounds
     )
+
+
+def stop_on_system(env, run, args: argparse.Namespace, stopped: Stopped) -> int:
+    """job.py was stopped while a job ran on a system: end a POC that job.py started, keeping the job's server
+    folder; leave a job on a system of someone else's running, and say how to abort it."""
+    if run is None:
+        print(f"ERROR: job.py was stopped by {stopped} before the job was submitted", file=sys.stderr)
+    elif args.env == "poc":
+        end_all_children()  # every POC process is job.py's own
+        server_dir = os.path.join(get_poc_workspace(), "example_project", "prod_00", "server", run.get_job_id())
+        kept = os.path.join(args.workspace, JOB_NAME, run.get_job_id())
+        if os.path.isdir(server_dir):
+            shutil.copytree(server_dir, kept, dirs_exist_ok=True)
+        summarize(
+            kept, os.path.join(kept, "log.txt"), site_names(args.n_clients), args.num_rounds, stopped_by=str(stopped)
+        )
+    else:
+        print(
+            f"ERROR: job.py was stopped by {stopped}; job {run.get_job_id()} goes on running on the system: "
+            f"abort it with: nvflare job abort {run.get_job_id()} --startup-kit {args.startup_kit}",
+            file=sys.stderr,
+        )
+    return 128 + stopped.signum
 
 
 if __name__ == "__main__":

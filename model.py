@@ -27,11 +27,24 @@ class Net(nn.Module):
 
 
 def load_global_model(path: str) -> Net:
-    """A checkpoint from NVFlare's PyTorch persistor as a `Net`, loaded without running any pickled code."""
+    """A `Net` from a checkpoint of NVFlare's PyTorch persistor ({"model": state dict, ...}) or from a plain
+    state dict, loaded without running any pickled code. ValueError says what is wrong with any other file."""
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise ValueError(f"{path} holds more than tensors, refusing to load it: {e}") from None
+        blocked = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), None)
+        if blocked:  # the pickle names a class or function, which a checkpoint of tensors never does
+            raise ValueError(f"{path} holds more than tensors, refusing to load it ({blocked})") from None
+        raise ValueError(f"{path} is not a PyTorch checkpoint") from None
+    except (OSError, RuntimeError, EOFError) as e:
+        raise ValueError(
+            f"{path} is not a PyTorch checkpoint ({str(e).splitlines()[0] if str(e) else 'empty'})"
+        ) from None
+    state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
     net = Net()
-    net.load_state_dict(checkpoint["model"])
+    try:
+        net.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        first = str(e).strip().splitlines()[-1].strip() if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path} does not hold the weights of this example's Net ({first})") from None
     return net

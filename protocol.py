@@ -34,6 +34,11 @@ TRAINING_FLAGS = {
     },
     "seed": {"type": int, "default": 0, "help": "seed of the shard split and the shuffles"},
     "use_tracking": {"action": "store_true", "help": "log each site's metrics to TensorBoard"},
+    "stall_timeout": {
+        "type": positive_float,
+        "default": 120.0,
+        "help": "seconds a rank waits for its peers inside a round before it ends its site as stuck",
+    },
 }
 
 

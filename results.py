@@ -16,6 +16,7 @@ NVFLARE_END_RUN = "server asked to end the run"  # a site's client, when the ser
 NVFLARE_TRAINER_EXITED = r"trainer process group exited \(rc=(-?\d+)\)"  # the trainer died before its result
 NVFLARE_TASK_SENT = "Sending task train"  # the server, at the start of each round
 NVFLARE_MODEL_SAVED = "End persist model on server"  # the server, at the end of each round
+NVFLARE_HANDSHAKE = "trainer session established"  # a site, once its trainer's rank 0 has shaken hands
 TORCHRUN_ROOT_CAUSE = (
     r"Root Cause \(first observed failure\):.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)"
     r"[^\n]*?(\(SIG\w+\))?\n"
@@ -93,13 +94,61 @@ def diagnose(workspace: str, site: str) -> str | None:
     return None
 
 
-def summarize(server_dir: str, server_log: str, sites: list[str], num_rounds: int, logs_root: str | None = None) -> int:
-    """Print the results a person wants; 1 if any round is missing or a site did not report.
+def failure_phase(logs_root: str | None, sites: list[str], complete_rounds: int, num_rounds: int) -> str:
+    """When a run failed: during start-up (one of `sites` never had its trainer shake hands), in a round,
+    or after the rounds."""
+    if complete_rounds >= num_rounds:
+        return "in the final evaluation"
+    for site in sites if logs_root else []:
+        if not log_times(os.path.join(logs_root, site, "log.txt"), NVFLARE_HANDSHAKE):
+            return "during start-up"
+    return f"in round {complete_rounds} of {num_rounds}"
 
-    server_dir holds the server's metrics/ and app_server/; logs_root, where known, the sites' logs."""
+
+def report_failure(
+    server_dir: str,
+    sites: list[str],
+    num_rounds: int,
+    complete_rounds: int,
+    logs_root: str | None,
+    stopped_by: str | None,
+) -> None:
+    """The error line: what stopped the job, where, and which global model is kept."""
+    causes = {site: diagnose(logs_root, site) for site in sites} if logs_root else {}
+    failed = [site for site, cause in causes.items() if cause]
+    # A stop by signal has no failed site: then any site still starting means start-up.
+    phase = failure_phase(logs_root, sites if stopped_by else failed, complete_rounds, num_rounds)
+    model = os.path.join(server_dir, "app_server", "FL_global_model.pt")
+    kept = (
+        f"the global model after round {complete_rounds - 1} is kept: {model}"
+        if complete_rounds and os.path.isfile(model)
+        else "no round finished, so no global model was saved"
+    )
+    if stopped_by:
+        print(f"ERROR: the job was stopped by {stopped_by} {phase}; {kept}", file=sys.stderr)
+        return
+    where = f"{logs_root}/<site>/log.txt" if logs_root else "each site's workspace"
+    why = "; ".join(causes[site] for site in failed) or "a site did not report"
+    print(f"ERROR: the job stopped {phase}: {why}. Logs: {where}", file=sys.stderr)
+    print(kept, file=sys.stderr)
+
+
+def summarize(
+    server_dir: str,
+    server_log: str,
+    sites: list[str],
+    num_rounds: int,
+    logs_root: str | None = None,
+    stopped_by: str | None = None,
+) -> int:
+    """Print the results a person wants; 1 if the job did not finish every round and the final evaluation.
+
+    server_dir holds the server's metrics/ and app_server/; logs_root, where known, the sites' logs;
+    stopped_by names the signal that stopped job.py, if one did."""
     rounds = read_rounds(server_dir)
     times = round_wall_times(server_log)
-    print("round  global accuracy  mean train loss  round time (s)  global accuracy as each site measured it")
+    if rounds:
+        print("round  global accuracy  mean train loss  round time (s)  global accuracy as each site measured it")
     for r, seconds in zip(rounds, times + [float("nan")] * len(rounds)):
         m = r["aggregated_metrics"]
         by_site = ", ".join(
@@ -110,20 +159,9 @@ def summarize(server_dir: str, server_log: str, sites: list[str], num_rounds: in
             f"{by_site}"
         )
     complete = [r for r in rounds if {s["name"] for s in r["sites"]} == set(sites)]
-    if len(complete) < num_rounds:
-        causes = [cause for cause in (diagnose(logs_root, site) for site in sites) if cause] if logs_root else []
-        where = f"{logs_root}/<site>/log.txt" if logs_root else "each site's workspace"
-        print(
-            f"ERROR: the job stopped in round {len(complete)} of {num_rounds}: "
-            f"{'; '.join(causes) or 'a site did not report'}. Logs: {where}",
-            file=sys.stderr,
-        )
-        if complete:
-            print(
-                f"the global model after round {complete[-1]['round']} is kept: "
-                f"{os.path.join(server_dir, 'app_server', 'FL_global_model.pt')}",
-                file=sys.stderr,
-            )
+    final_scores = read_final_scores(server_dir)
+    if stopped_by or len(complete) < num_rounds or set(final_scores) != set(sites):
+        report_failure(server_dir, sites, num_rounds, len(complete), logs_root, stopped_by)
         return 1
     shards = {s["name"]: int(metric(s["metrics"], "shard_size")) for s in rounds[-1]["sites"]}
     print("training shards: " + ", ".join(f"{name} {shards[name]}" for name in sites))
@@ -135,8 +173,7 @@ def summarize(server_dir: str, server_log: str, sites: list[str], num_rounds: in
         f"best global model: round {best['round']}, accuracy {metric(best['aggregated_metrics'], 'accuracy'):.4f}: "
         f"{os.path.join(app_dir, 'best_FL_global_model.pt')}"
     )
-    final_scores = read_final_scores(server_dir)
-    final = f"accuracy {sum(final_scores) / len(final_scores):.4f}" if final_scores else "not scored"
+    final = f"accuracy {sum(final_scores.values()) / len(final_scores):.4f}"
     print(
         f"final global model: after round {rounds[-1]['round']}, {final}: {os.path.join(app_dir, 'FL_global_model.pt')}"
     )

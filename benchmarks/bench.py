@@ -213,7 +213,7 @@ def run_job(data_root: str, rounds: int, settings: dict, workspace: str) -> dict
     return {
         "wall": wall,
         "last_round_accuracy": metric(rounds_done[-1]["aggregated_metrics"], "accuracy"),
-        "final_accuracy": sum(final) / len(final),
+        "final_accuracy": sum(final.values()) / len(final),
         "to_handshake": max(handshakes) - started,
         **{key: mean(key) for key in ("round_wall", "compute", "overhead", "task_pickup", "after_last_result")},
     }

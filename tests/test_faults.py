@@ -1,48 +1,123 @@
-"""Faults mid-job: `python job.py` must end non-zero, name the site and rank, keep the last good
-global model, and leave no process behind.
+"""Faults at every phase: `python job.py` must end non-zero and soon, name the site, the rank and the
+phase, keep the last complete global model, and leave no process behind. So must a stuck rank, and
+a SIGTERM or Ctrl-C to job.py itself.
 
-client.py reads a test-only switch, DDP_EXAMPLE_FAULT=SITE:RANK:ROUND:KIND, with KIND one of
-kill (SIGKILL that rank), raise (an exception in training) or kill_torchrun (SIGKILL the site's torchrun).
+client.py reads a test-only switch, DDP_EXAMPLE_FAULT=SITE:RANK:PHASE:KIND. PHASE is `start` (after
+torchrun started, before the handshake), a round number, or `eval` (the final evaluation); KIND is
+kill (SIGKILL that rank), raise (an exception), stop (SIGSTOP: the rank hangs) or kill_torchrun
+(SIGKILL the site's torchrun).
 """
 
 import os
+import signal
+import subprocess
+import sys
 import time
 
 import pytest
 
-from conftest import processes_of, run_job
+from conftest import ROOT, processes_left, processes_of, run_job, venv_env
 from model import load_global_model
-from results import JOB_NAME
+from results import JOB_NAME, log_times
+
+ROUNDS = 2
+PHASES = {  # PHASE: (how the summary names it, the round whose global model is kept)
+    "start": ("during start-up", None),
+    "1": (f"in round 1 of {ROUNDS}", 0),
+    "eval": ("in the final evaluation", ROUNDS - 1),
+}
+KINDS = {  # KIND: (the rank it hits, the cause the summary gives for SITE)
+    "kill": (1, "{site} rank 1 failed (exit code -9 (SIGKILL))"),
+    "raise": (0, "{site} rank 0: ERROR: RuntimeError: injected fault"),
+    "kill_torchrun": (0, "{site}'s torchrun ended (rc=-9) before it sent a result"),
+}
+
+
+def model_path(workspace: str) -> str:
+    return os.path.join(workspace, JOB_NAME, "server", "simulate_job", "app_server", "FL_global_model.pt")
+
+
+def assert_kept(stderr: str, workspace: str, kept_round: int | None) -> None:
+    if kept_round is None:
+        assert "no round finished, so no global model was saved" in stderr
+    else:
+        assert f"the global model after round {kept_round} is kept: {model_path(workspace)}" in stderr
+        load_global_model(model_path(workspace))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("phase", PHASES)
+def test_fault_ends_the_job_naming_site_rank_and_phase(phase, kind, synthetic_root, tmp_path):
+    site = "site-1" if kind == "raise" else "site-2"
+    rank, cause = KINDS[kind]
+    said, kept_round = PHASES[phase]
+    workspace = str(tmp_path)
+    result = run_job(
+        "--num_rounds", str(ROUNDS), "--data_root", synthetic_root, "--workspace", workspace,
+        "--master_port", "7830", timeout=300, DDP_EXAMPLE_FAULT=f"{site}:{rank}:{phase}:{kind}",
+    )  # fmt: skip
+    ended = time.time()
+
+    assert result.returncode == 1, result.stderr[-3000:]
+    injected = log_times(os.path.join(workspace, JOB_NAME, site, "log.txt"), "injecting fault")
+    assert injected and ended - injected[0] < 60
+    assert f"ERROR: the job stopped {said}: {cause.format(site=site)}. Logs: " in result.stderr
+    assert_kept(result.stderr, workspace, kept_round)
+    assert processes_of(workspace) == []
+
+
+def test_stuck_rank_ends_its_site_after_the_stall_timeout(synthetic_root, tmp_path):
+    workspace = str(tmp_path)
+    result = run_job(
+        "--num_rounds", str(ROUNDS), "--stall_timeout", "10", "--data_root", synthetic_root,
+        "--workspace", workspace, "--master_port", "7830", timeout=300, DDP_EXAMPLE_FAULT="site-2:1:1:stop",
+    )  # fmt: skip
+    ended = time.time()
+
+    assert result.returncode == 1, result.stderr[-3000:]
+    stopped = log_times(os.path.join(workspace, JOB_NAME, "site-2", "log.txt"), "injecting fault")
+    assert stopped and 10 <= ended - stopped[0] < 10 + 30
+    assert (
+        f"ERROR: the job stopped in round 1 of {ROUNDS}: site-2 rank 0: ERROR: a peer rank did not answer within "
+        "--stall_timeout 10 s: it is stuck or stopped" in result.stderr
+    )
+    assert_kept(result.stderr, workspace, 0)
+    assert processes_of(workspace) == []
+
+
+def wait_for_log_lines(path: str, text: str, count: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while len(log_times(path, text)) < count:
+        assert time.monotonic() < deadline, f"no '{text}' in {path}"
+        time.sleep(0.2)
 
 
 @pytest.mark.parametrize(
-    "fault, cause",
+    "signum, phase, wait_for, kept_round",
     [
-        ("site-2:1:1:kill", "site-2 rank 1 failed (exit code -9 (SIGKILL))"),
-        ("site-1:0:1:raise", "site-1 rank 0: ERROR: RuntimeError: injected fault"),
-        ("site-2:0:1:kill_torchrun", "site-2's torchrun ended (rc=-9) before it sent a result"),
+        # Ctrl-C while the sites' trainers start; SIGTERM (kill, a scheduler, a CI timeout) in round 1.
+        (signal.SIGINT, "during start-up", ("site-1", "launching external trainer", 1), None),
+        (signal.SIGTERM, f"in round 1 of {ROUNDS}", ("server", "Sending task train", 2), 0),
     ],
 )
-def test_fault_stops_the_job_and_names_the_cause(fault, cause, synthetic_root, tmp_path):
+def test_signal_to_job_py_ends_every_process_it_started(signum, phase, wait_for, kept_round, synthetic_root, tmp_path):
     workspace = str(tmp_path)
-    started = time.monotonic()
-    result = run_job(
-        "--num_rounds",
-        "3",
-        "--data_root",
-        synthetic_root,
-        "--workspace",
-        workspace,
-        "--master_port",
-        "7830",
-        timeout=300,
-        DDP_EXAMPLE_FAULT=fault,
-    )
-    elapsed = time.monotonic() - started
-
-    assert result.returncode == 1, result.stderr[-3000:]
-    assert elapsed < 120
-    assert "ERROR: the job stopped in round 1 of 3: " + cause in result.stderr
-    assert processes_of(workspace) == []
-    # Round 0 finished before the fault, so its global model is on disk and loads.
-    load_global_model(os.path.join(workspace, JOB_NAME, "server", "simulate_job", "app_server", "FL_global_model.pt"))
+    job = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "job.py"), "--num_rounds", str(ROUNDS), "--data_root", synthetic_root,
+         "--workspace", workspace, "--master_port", "7830"],
+        cwd=ROOT, env=venv_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        site, text, count = wait_for
+        wait_for_log_lines(os.path.join(workspace, JOB_NAME, site, "log.txt"), text, count, timeout=120)
+        sent = time.monotonic()
+        job.send_signal(signum)
+        _, stderr = job.communicate(timeout=30)
+        assert processes_left(workspace, grace=30 - (time.monotonic() - sent)) == []
+    finally:
+        job.kill()
+    assert job.returncode == 128 + signum
+    name = signal.Signals(signum).name
+    assert f"ERROR: the job was stopped by {name} {phase}; " in stderr
+    assert_kept(stderr, workspace, kept_round)
+    assert stderr.strip().splitlines()[-1].startswith("ERROR: the job was stopped"), stderr[-3000:]

@@ -1,0 +1,114 @@
+"""Keeps a local run from hanging or outliving job.py.
+
+The simulator, POC, torchrun and the ranks each start in a process session of their own, so a
+signal to job.py does not reach them, and NVFlare's simulator does not end a job when a site ends
+its run before its trainer's handshake. While a run is under way, this module:
+- makes job.py the parent of last resort of everything the run starts (Linux's child subreaper), so
+  no process can slip out of job.py's process tree;
+- turns SIGTERM and SIGINT into a `Stopped` exception in job.py's main thread;
+- watches the sites' logs and ends the run when so many sites have ended theirs that the rest
+  cannot finish the job;
+- when the run is over, for whatever reason, ends every process it left behind.
+"""
+
+import ctypes
+import os
+import signal
+import sys
+import threading
+import time
+
+import psutil
+
+# NVFlare 2.9's client log line when a site ends its run by itself, for example because its trainer
+# exited before the handshake. The server is not told, and the simulator waits for the site forever.
+NVFLARE_SITE_ENDED = "Stopped ClientRunner due to FATAL_SYSTEM_ERROR"
+PR_SET_CHILD_SUBREAPER = 36
+
+
+class Stopped(Exception):
+    """job.py got SIGTERM or SIGINT."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def end_all_children() -> None:
+    """SIGKILL every descendant of this process, until none is left."""
+    for _ in range(50):
+        children = psutil.Process().children(recursive=True)
+        alive = [p for p in children if p.status() != psutil.STATUS_ZOMBIE] if children else []
+        if not alive:
+            break
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(alive, timeout=2)
+    while True:  # reap the orphans this process adopted
+        try:
+            if os.waitpid(-1, os.WNOHANG) == (0, 0):
+                break
+        except ChildProcessError:
+            break
+
+
+class Watchdog:
+    """`with Watchdog(workspace, sites, needed):` around a run; `ended_sites` and `stopped_by` say what it saw."""
+
+    def __init__(self, logs_root: str | None, sites: list[str], needed: int, poll: float = 0.5):
+        self.logs_root, self.sites, self.needed, self.poll = logs_root, sites, needed, poll
+        self.ended_sites: list[str] = []
+        self._seen = dict.fromkeys(sites, 0)  # how much of each site's log has been read
+        self._started = time.time()  # a log older than this is a previous run's, before the simulator clears it
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="watchdog", daemon=True)
+        self._handlers = {}
+
+    def __enter__(self) -> "Watchdog":
+        if sys.platform.startswith("linux"):
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._handlers[signum] = signal.signal(signum, self._on_signal)
+        if self.logs_root:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        end_all_children()
+        for signum, handler in self._handlers.items():
+            signal.signal(signum, handler)
+
+    def _on_signal(self, signum, frame):
+        for s in self._handlers:  # a second Ctrl-C must not interrupt the cleanup
+            signal.signal(s, signal.SIG_IGN)
+        raise Stopped(signum)
+
+    def _watch(self) -> None:
+        while not self._done.wait(self.poll):
+            for site in self.sites:
+                if site not in self.ended_sites and NVFLARE_SITE_ENDED in self._new_log_text(site):
+                    self.ended_sites.append(site)
+            if len(self.sites) - len(self.ended_sites) < self.needed:
+                # Too few sites are left to finish; NVFlare's simulator would wait for the others forever.
+                end_all_children()
+                return
+
+    def _new_log_text(self, site: str) -> str:
+        """What the site's log gained since the last look, from the end of the last whole line read before."""
+        path = os.path.join(self.logs_root, site, "log.txt")
+        try:
+            if os.stat(path).st_mtime < self._started:
+                return ""
+            with open(path, "rb") as f:
+                f.seek(self._seen[site])
+                text = f.read()
+        except OSError:
+            return ""
+        self._seen[site] += text.rfind(b"\n") + 1
+        return text.decode(errors="replace")
