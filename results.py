@@ -4,6 +4,7 @@ log, the cause of a failure from the sites' logs, and the summary job.py prints.
 import json
 import os
 import re
+import signal
 import sys
 from datetime import datetime
 
@@ -17,10 +18,8 @@ NVFLARE_TRAINER_EXITED = r"trainer process group exited \(rc=(-?\d+)\)"  # the t
 NVFLARE_TASK_SENT = "Sending task train"  # the server, at the start of each round
 NVFLARE_MODEL_SAVED = "End persist model on server"  # the server, at the end of each round
 NVFLARE_HANDSHAKE = "trainer session established"  # a site, once its trainer's rank 0 has shaken hands
-TORCHRUN_ROOT_CAUSE = (
-    r"Root Cause \(first observed failure\):.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)"
-    r"[^\n]*?(\(SIG\w+\))?\n"
-)
+# torch 2.14 ends the exitcode line with "(SIGKILL)", torch 2.11 does not: the signal is named here instead.
+TORCHRUN_ROOT_CAUSE = r"Root Cause \(first observed failure\):.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)"
 # NVFlare's log lines start with a timestamp such as "2026-11-27 05:30:40,123".
 LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})")
 
@@ -33,18 +32,18 @@ def read_rounds(server_dir: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def read_final_scores(server_dir: str) -> list[float]:
+def read_final_scores(server_dir: str) -> dict[str, float]:
     """Each site's test accuracy of the final global model, from the evaluation after the last round."""
     path = os.path.join(server_dir, "cross_site_val", "cross_val_results.json")
     if not os.path.isfile(path):
-        return []
+        return {}
     with open(path) as f:
         results = json.load(f)
-    return [
-        scores["SRV_FL_global_model.pt"]["accuracy"]
-        for scores in results.values()
+    return {
+        site: scores["SRV_FL_global_model.pt"]["accuracy"]
+        for site, scores in results.items()
         if "SRV_FL_global_model.pt" in scores
-    ]
+    }
 
 
 def metric(metrics: list[dict], name: str) -> float:
@@ -86,8 +85,9 @@ def diagnose(workspace: str, site: str) -> str | None:
     if own:
         return own.group(0)
     if root:
-        rank, code, sig = root.groups()
-        return f"{site} rank {rank} failed (exit code {code}{' ' + sig if sig else ''})"
+        rank, code = root.groups()
+        killed_by = f" ({signal.Signals(-int(code)).name})" if int(code) < 0 else ""
+        return f"{site} rank {rank} failed (exit code {code}{killed_by})"
     ended = re.search(NVFLARE_TRAINER_EXITED, log)
     if ended:
         return f"{site}'s torchrun ended (rc={ended.group(1)}) before it sent a result"

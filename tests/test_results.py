@@ -1,0 +1,42 @@
+import os
+
+import pytest
+
+from results import diagnose, failure_phase
+
+ROOT_CAUSE = """2026-11-27 05:45:39,772 - ExternalProcessBackend - INFO - Root Cause (first observed failure):
+2026-11-27 05:45:39,772 - ExternalProcessBackend - INFO - [0]:
+2026-11-27 05:45:39,773 - ExternalProcessBackend - INFO -   rank      : 1 (local_rank: 1)
+2026-11-27 05:45:39,773 - ExternalProcessBackend - INFO -   exitcode  : -9 (pid: 7626){suffix}
+2026-11-27 05:45:39,773 - ExternalProcessBackend - INFO -   error_file: <N/A>
+"""
+
+
+def write_log(root, site: str, text: str) -> str:
+    os.makedirs(root / site, exist_ok=True)
+    (root / site / "log.txt").write_text(text)
+    return str(root)
+
+
+@pytest.mark.parametrize("suffix", ["  (SIGKILL)", " "])  # torch 2.14 names the signal, torch 2.11 does not
+def test_a_killed_rank_is_named_with_its_signal(tmp_path, suffix):
+    logs = write_log(tmp_path, "site-2", ROOT_CAUSE.format(suffix=suffix))
+    assert diagnose(logs, "site-2") == "site-2 rank 1 failed (exit code -9 (SIGKILL))"
+
+
+def test_the_failed_ranks_own_error_line_is_preferred(tmp_path):
+    text = "x - INFO - site-2 rank 1: ERROR: RuntimeError: boom\n" + ROOT_CAUSE.format(suffix="")
+    assert diagnose(write_log(tmp_path, "site-2", text), "site-2") == "site-2 rank 1: ERROR: RuntimeError: boom"
+
+
+def test_what_a_site_logs_after_the_server_ended_its_run_is_no_cause(tmp_path):
+    text = "x - INFO - server asked to end the run\nx - INFO - site-1 rank 0: ERROR: RuntimeError: late\n"
+    assert diagnose(write_log(tmp_path, "site-1", text), "site-1") is None
+
+
+def test_phase_is_start_up_until_the_trainer_shook_hands(tmp_path):
+    logs = write_log(tmp_path, "site-1", "2026-11-27 05:45:39,772 - X - INFO - launching external trainer\n")
+    assert failure_phase(logs, ["site-1"], 0, 3) == "during start-up"
+    write_log(tmp_path, "site-1", "2026-11-27 05:45:39,772 - X - INFO - trainer session established: launch=1\n")
+    assert failure_phase(logs, ["site-1"], 0, 3) == "in round 0 of 3"
+    assert failure_phase(logs, ["site-1"], 3, 3) == "in the final evaluation"
