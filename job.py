@@ -9,6 +9,7 @@ import os
 import shutil
 import socket
 import sys
+import time
 
 # Importing nvflare.recipe takes NVFlare's own --export / --export-dir out of sys.argv; note them first.
 NVFLARE_EXPORT = "--export" in sys.argv[1:]
@@ -28,7 +29,7 @@ from data import DataError, batch_paths
 from model import Net, load_global_model
 from protocol import add_training_flags, positive_int, train_args
 from results import JOB_NAME, summarize
-from watchdog import Stopped, Watchdog, end_all_children
+from watchdog import Stopped, Watchdog
 
 EXPORT_DIR = "/tmp/nvflare/jobs/job_config"
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -126,8 +127,13 @@ def build_recipe(args: argparse.Namespace):
             for i, site in enumerate(sites)
         },
     )
-    # A site that sent its result asks for the next task after this many seconds (NVFlare's default: 2).
-    recipe.add_server_config({"server": {"task_request_interval": 0.1}})
+    recipe.add_server_config({
+        # A site that sent its result asks for the next task after this many seconds (NVFlare's default: 2).
+        "server": {"task_request_interval": 0.1},
+        # On a real system the server learns when a site's job has died; end the job then, not after NVFlare's
+        # default grace of 60 s (the same as FedJob's fail_fast).
+        "dead_client_grace_period": 0.0,
+    })  # fmt: skip
     for module in ("data.py", "model.py", "protocol.py"):  # what client.py imports
         recipe.add_client_file(os.path.join(HERE, module))
     if args.use_tracking:
@@ -242,7 +248,7 @@ def run_on_system(recipe, args: argparse.Namespace) -> int:
         env = PocEnv(clients=sites)
     else:
         env = ProdEnv(startup_kit_location=args.startup_kit)
-    run = result = None
+    run = result = status = stopped = None
     with Watchdog(None, sites, needed=len(sites)):
         try:
             run = recipe.execute(env)
@@ -250,44 +256,83 @@ def run_on_system(recipe, args: argparse.Namespace) -> int:
             result = run.get_result(clean_up=False)
             status = run.get_status()
         except Stopped as e:
-            return stop_on_system(env, run, args, e)
-        finally:
-            if args.env == "poc" and result:
-                # The result lives inside the POC workspace, which is deleted next: keep a copy.
-                result = shutil.copytree(result, os.path.join(args.workspace, JOB_NAME, run.get_job_id()))
-            if args.env == "poc":
-                env.stop(clean_up=True)
+            stopped = e
+        if args.env == "poc":
+            # What the job left lives in the POC workspace, which is deleted next: keep a copy.
+            result = keep_poc_job(run.get_job_id(), result, args.workspace, sites) if run else None
+            if stopped and run:
+                # Otherwise the job stays RUNNING in NVFlare's job store, which outlives the POC workspace, and
+                # the next POC's stop fails on it.
+                run.abort()
+                wait_until_finished(run, timeout=15)
+            env.stop(clean_up=True)
+    if stopped:
+        return report_stop(run, result, args, stopped)
     print(f"job {run.get_job_id()} ended with status {status}; result: {result}")
-    if not result or status != "FINISHED:COMPLETED":
+    if not result:
+        print(f"ERROR: job {run.get_job_id()} left no result to read (status {status})", file=sys.stderr)
+        return 1
+    logs_root = result if args.env == "poc" else None
+    code = summarize(
+        os.path.join(result, "workspace"),
+        os.path.join(result, "workspace", "log.txt"),
+        sites,
+        args.num_rounds,
+        logs_root=logs_root,
+    )
+    if status != "FINISHED:COMPLETED":
         print(f"ERROR: job {run.get_job_id()} did not complete (status {status})", file=sys.stderr)
         return 1
-    return summarize(
-        os.path.join(result, "workspace"), os.path.join(result, "workspace", "log.txt"), sites, args.num_rounds
+    return code
+
+
+def wait_until_finished(run, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not str(run.get_status()).startswith("FINISHED") and time.monotonic() < deadline:
+        time.sleep(0.5)
+
+
+def keep_poc_job(job_id: str, download: str | None, workspace: str, sites: list[str]) -> str:
+    """Copy what a POC job left to workspace/<job>/<id> before the POC is deleted: the downloaded result, or,
+    for a job still running, the server's job folder (both as workspace/), and each site's log (<site>/log.txt)."""
+    project = os.path.join(get_poc_workspace(), "example_project", "prod_00")
+    kept = os.path.join(workspace, JOB_NAME, job_id)
+    sources = (
+        [(download, kept)] if download else [(os.path.join(project, "server", job_id), os.path.join(kept, "workspace"))]
     )
+    sources += [(os.path.join(project, site, job_id), os.path.join(kept, site)) for site in sites]
+    for source, target in sources:
+        if os.path.isdir(source):
+            shutil.copytree(source, target, dirs_exist_ok=True)
+    return kept
 
 
-def stop_on_system(env, run, args: argparse.Namespace, stopped: Stopped) -> int:
-    """job.py was stopped while a job ran on a system: end a POC that job.py started, keeping the job's server
-    folder; leave a job on a system of someone else's running, and say how to abort it."""
+def report_stop(run, result: str | None, args: argparse.Namespace, stopped: Stopped) -> int:
+    """job.py was stopped while a job ran on a system: say so, and what was kept or goes on."""
     if run is None:
-        print(f"ERROR: job.py was stopped by {stopped} before the job was submitted", file=sys.stderr)
-    elif args.env == "poc":
-        end_all_children()  # every POC process is job.py's own
-        server_dir = os.path.join(get_poc_workspace(), "example_project", "prod_00", "server", run.get_job_id())
-        kept = os.path.join(args.workspace, JOB_NAME, run.get_job_id())
-        if os.path.isdir(server_dir):
-            shutil.copytree(server_dir, kept, dirs_exist_ok=True)
+        print(f"ERROR: the job was stopped by {stopped} before it was submitted", file=sys.stderr)
+    elif result:  # a POC of job.py's own: it is gone now, its job's folders kept
         summarize(
-            kept, os.path.join(kept, "log.txt"), site_names(args.n_clients), args.num_rounds, stopped_by=str(stopped)
+            os.path.join(result, "workspace"),
+            os.path.join(result, "workspace", "log.txt"),
+            site_names(args.n_clients),
+            args.num_rounds,
+            logs_root=result,
+            stopped_by=str(stopped),
         )
     else:
         print(
-            f"ERROR: job.py was stopped by {stopped}; job {run.get_job_id()} goes on running on the system: "
-            f"abort it with: nvflare job abort {run.get_job_id()} --startup-kit {args.startup_kit}",
+            f"ERROR: the job was stopped by {stopped} while job {run.get_job_id()} runs on the system, where it "
+            f"goes on; to end it: nvflare job abort {run.get_job_id()} --startup-kit {args.startup_kit}",
             file=sys.stderr,
         )
     return 128 + stopped.signum
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if code > 128:  # stopped by a signal: NVFlare's admin connection may keep threads alive; do not wait for them
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

@@ -36,10 +36,10 @@ def load_global_model(path: str) -> Net:
         if blocked:  # the pickle names a class or function, which a checkpoint of tensors never does
             raise ValueError(f"{path} holds more than tensors, refusing to load it ({blocked})") from None
         raise ValueError(f"{path} is not a PyTorch checkpoint") from None
-    except (OSError, RuntimeError, EOFError) as e:
-        raise ValueError(
-            f"{path} is not a PyTorch checkpoint ({str(e).splitlines()[0] if str(e) else 'empty'})"
-        ) from None
+    except OSError as e:
+        raise ValueError(f"{path} can't be read ({e.strerror})") from None
+    except Exception:  # on arbitrary bytes, torch.load fails with errors of many kinds
+        raise ValueError(f"{path} is not a PyTorch checkpoint") from None
     state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
     net = Net()
     try:

@@ -26,8 +26,9 @@ NVFLARE_SITE_ENDED = "Stopped ClientRunner due to FATAL_SYSTEM_ERROR"
 PR_SET_CHILD_SUBREAPER = 36
 
 
-class Stopped(Exception):
-    """job.py got SIGTERM or SIGINT."""
+class Stopped(BaseException):
+    """job.py got SIGTERM or SIGINT. Like KeyboardInterrupt, it is no Exception: NVFlare's code that waits for a
+    job catches Exception and would swallow it."""
 
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
@@ -55,8 +56,24 @@ def end_all_children() -> None:
             break
 
 
+def reap_adopted(adopted: set[int]) -> None:
+    """Reap the adopted processes that have ended. A dead one would otherwise stay a zombie of job.py's, and a
+    zombie's pid still answers: NVFlare's POC, for one, would take its server for running and never clean up.
+    Processes that job.py started itself are left to whoever waits for them."""
+    me = os.getpid()
+    for p in psutil.Process(me).children(recursive=True):
+        try:
+            if p.ppid() != me:
+                adopted.add(p.pid)
+            elif p.pid in adopted and p.status() == psutil.STATUS_ZOMBIE:
+                os.waitpid(p.pid, os.WNOHANG)
+                adopted.discard(p.pid)
+        except (psutil.NoSuchProcess, ChildProcessError):
+            adopted.discard(p.pid)
+
+
 class Watchdog:
-    """`with Watchdog(workspace, sites, needed):` around a run; `ended_sites` and `stopped_by` say what it saw."""
+    """`with Watchdog(logs_root, sites, needed):` around a run; `ended_sites` says which sites ended their run."""
 
     def __init__(self, logs_root: str | None, sites: list[str], needed: int, poll: float = 0.5):
         self.logs_root, self.sites, self.needed, self.poll = logs_root, sites, needed, poll
@@ -72,14 +89,12 @@ class Watchdog:
             ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1)
         for signum in (signal.SIGTERM, signal.SIGINT):
             self._handlers[signum] = signal.signal(signum, self._on_signal)
-        if self.logs_root:
-            self._thread.start()
+        self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._done.set()
-        if self._thread.is_alive():
-            self._thread.join()
+        self._thread.join()
         end_all_children()
         for signum, handler in self._handlers.items():
             signal.signal(signum, handler)
@@ -90,8 +105,10 @@ class Watchdog:
         raise Stopped(signum)
 
     def _watch(self) -> None:
+        adopted = set()  # processes first seen below another one: job.py's own only once their parent is gone
         while not self._done.wait(self.poll):
-            for site in self.sites:
+            reap_adopted(adopted)
+            for site in self.sites if self.logs_root else []:
                 if site not in self.ended_sites and NVFLARE_SITE_ENDED in self._new_log_text(site):
                     self.ended_sites.append(site)
             if len(self.sites) - len(self.ended_sites) < self.needed:

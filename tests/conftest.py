@@ -10,7 +10,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from results import JOB_NAME, metric, read_rounds  # noqa: E402
+from results import JOB_NAME, log_times, metric, read_rounds  # noqa: E402
 
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 
@@ -61,6 +61,14 @@ def processes_left(path: str, grace: float = 30.0) -> list[str]:
     while processes_of(path) and time.monotonic() < deadline:
         time.sleep(1)
     return processes_of(path)
+
+
+def wait_for_log_lines(path: str, text: str, count: int, timeout: float) -> None:
+    """Wait until `count` timestamped lines of the log at `path` (any that matches the glob) hold `text`."""
+    deadline = time.monotonic() + timeout
+    while sum(len(log_times(p, text)) for p in glob.glob(path)) < count:
+        assert time.monotonic() < deadline, f"no {count} '{text}' lines in {path}"
+        time.sleep(0.2)
 
 
 def round_metrics(workspace: str) -> list[dict]:

@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-from conftest import ROOT, processes_left, processes_of, run_job, venv_env
+from conftest import ROOT, processes_left, processes_of, run_job, venv_env, wait_for_log_lines
 from model import load_global_model
-from results import JOB_NAME
+from results import JOB_NAME, log_times
 
 NVFLARE = os.path.join(os.path.dirname(sys.executable), "nvflare")
 POC_WORKSPACE = "/tmp/nvflare/poc"
@@ -69,6 +69,49 @@ def test_env_poc_runs_the_job_on_its_own_poc_and_removes_it(synthetic_root, tmp_
     assert_finished(os.path.join(result_dir, "workspace"), rounds=2)
     assert not os.path.exists(POC_WORKSPACE)
     assert processes_left(POC_WORKSPACE) == []
+
+
+def test_env_poc_start_up_fault_ends_the_job_naming_the_site(synthetic_root, tmp_path):
+    assert not os.path.exists(POC_WORKSPACE), "a POC workspace exists already; this test would delete it"
+    result = run_job(
+        "--env", "poc", "--num_rounds", "2", "--data_root", synthetic_root, "--workspace", str(tmp_path),
+        timeout=600, DDP_EXAMPLE_FAULT="site-1:1:start:kill",
+    )  # fmt: skip
+    ended = time.time()
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "ended with status FINISHED:EXECUTION_EXCEPTION" in result.stdout
+    assert "ERROR: the job stopped during start-up: site-1 rank 1 failed (exit code -9 (SIGKILL))" in result.stderr
+    (kept,) = [os.path.join(tmp_path, JOB_NAME, d) for d in os.listdir(tmp_path / JOB_NAME)]
+    injected = log_times(os.path.join(kept, "site-1", "log.txt"), "injecting fault")
+    assert injected and ended - injected[0] < 120
+    assert not os.path.exists(POC_WORKSPACE)
+    assert processes_left(POC_WORKSPACE) == []
+
+
+def test_sigterm_to_job_py_ends_its_poc_and_keeps_the_job(synthetic_root, tmp_path):
+    assert not os.path.exists(POC_WORKSPACE), "a POC workspace exists already; this test would delete it"
+    job = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "job.py"), "--env", "poc", "--num_rounds", "4",
+         "--data_root", synthetic_root, "--workspace", str(tmp_path)],
+        cwd=ROOT, env=venv_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        server_logs = os.path.join(POC_WORKSPACE, "example_project", "prod_00", "server", "*", "log.txt")
+        wait_for_log_lines(server_logs, "Sending task train", 2, timeout=300)  # round 1 has started
+        sent = time.monotonic()
+        job.send_signal(signal.SIGTERM)
+        _, stderr = job.communicate(timeout=30)
+        assert processes_left(POC_WORKSPACE, grace=30 - (time.monotonic() - sent)) == []
+    finally:
+        if job.poll() is None:  # the test failed before job.py ended: leave no POC behind
+            job.kill()
+            nvflare("poc", "stop", timeout=120)
+            nvflare("poc", "clean", timeout=60)
+    assert job.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert not os.path.exists(POC_WORKSPACE)
+    stop = stderr.strip().splitlines()[-1]
+    assert stop.startswith("ERROR: the job was stopped by SIGTERM in round ") and " is kept: " in stop, stderr[-3000:]
+    load_global_model(stop.split(" is kept: ")[1])
 
 
 @pytest.fixture(scope="module")

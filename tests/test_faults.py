@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, processes_left, processes_of, run_job, venv_env
+from conftest import ROOT, processes_left, processes_of, run_job, venv_env, wait_for_log_lines
 from model import load_global_model
 from results import JOB_NAME, log_times
 
@@ -83,13 +83,6 @@ def test_stuck_rank_ends_its_site_after_the_stall_timeout(synthetic_root, tmp_pa
     )
     assert_kept(result.stderr, workspace, 0)
     assert processes_of(workspace) == []
-
-
-def wait_for_log_lines(path: str, text: str, count: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while len(log_times(path, text)) < count:
-        assert time.monotonic() < deadline, f"no '{text}' in {path}"
-        time.sleep(0.2)
 
 
 @pytest.mark.parametrize(

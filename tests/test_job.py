@@ -14,8 +14,8 @@ import torch
 
 from conftest import assert_clean, processes_of, round_metrics, run_job
 from data import load_cifar10, normalize
-from model import load_global_model
-from results import JOB_NAME, metric
+from model import Net, load_global_model
+from results import JOB_NAME, metric, read_final_scores
 
 
 @pytest.fixture(scope="module")
@@ -216,3 +216,67 @@ def test_export_config_into_unwritable_folder_is_one_clear_line(tmp_path, monkey
     monkeypatch.setattr(sys, "argv", ["job.py", "--export_config"])
     assert job.main() == 2
     assert f"ERROR: can't write the job folder to {blocker / 'job_config'}" in capsys.readouterr().err
+
+
+def accuracy_as_the_sites_measure(model, data_root: str, ranks: int = 2) -> float:
+    """The test accuracy of `model`, counted over the same per-rank slices as client.evaluate."""
+    _, _, test_x, test_y = load_cifar10(data_root)
+    torch.set_num_threads(1)  # like each rank
+    with torch.no_grad():
+        correct = sum(
+            int((model(normalize(test_x[r::ranks])).argmax(1) == test_y[r::ranks]).sum()) for r in range(ranks)
+        )
+    return correct / len(test_y)
+
+
+def test_a_crashed_run_resumes_from_its_kept_global_model(synthetic_root, tmp_path):
+    crashed = run_job(
+        "--num_rounds", "3", "--data_root", synthetic_root, "--workspace", str(tmp_path / "crashed"),
+        "--master_port", "7860", DDP_EXAMPLE_FAULT="site-2:0:2:kill_torchrun",
+    )  # fmt: skip
+    assert crashed.returncode == 1, crashed.stderr[-3000:]
+    saved = crashed.stderr.split("the global model after round 1 is kept: ")[1].split()[0]
+    saved_accuracy = accuracy_as_the_sites_measure(load_global_model(saved), synthetic_root)
+
+    workspace = str(tmp_path / "resumed")
+    resumed = run_job(
+        "--num_rounds", "2", "--initial_model", saved, "--data_root", synthetic_root, "--workspace", workspace,
+        "--master_port", "7860",
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    first = round_metrics(workspace)[0]
+    assert [metric(s["metrics"], "accuracy") for s in first["sites"]] == [saved_accuracy] * 2
+    final = read_final_scores(os.path.join(workspace, JOB_NAME, "server", "simulate_job"))
+    assert min(final.values()) > saved_accuracy + 0.05
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def _wrong_shapes(path):
+    state = Net().state_dict()
+    state["fc3.weight"] = torch.zeros(5, 84)
+    torch.save({"model": state}, path)
+
+
+@pytest.mark.parametrize(
+    "write, why",
+    [
+        (_wrong_shapes, "does not hold the weights of this example's Net (size mismatch for fc3.weight"),
+        (lambda path: path.write_bytes(os.urandom(4096)), "is not a PyTorch checkpoint"),
+        (lambda path: torch.save({"model": _RunsCode(str(path) + ".ran")}, path), "holds more than tensors"),
+    ],
+)
+def test_initial_model_that_is_not_a_net_is_refused_before_anything_starts(write, why, tmp_path):
+    path = tmp_path / "model.pt"
+    write(path)
+    result = run_job("--initial_model", str(path), "--workspace", str(tmp_path / "ws"), timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"ERROR: --initial_model: {path} ") and why in lines[0], lines
+    assert not os.path.exists(tmp_path / "ws") and not os.path.exists(str(path) + ".ran")

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -39,3 +41,17 @@ def test_checkpoint_with_objects_is_refused(tmp_path):
     torch.save({"model": _NotATensor()}, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="more than tensors"):
         load_global_model(str(tmp_path / "bad.pt"))
+
+
+def test_a_plain_state_dict_loads_too(tmp_path):
+    net = Net()
+    torch.save(net.state_dict(), tmp_path / "plain.pt")
+    loaded = load_global_model(str(tmp_path / "plain.pt"))
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), loaded.state_dict().values()))
+
+
+def test_random_bytes_are_not_a_checkpoint(tmp_path):
+    for _ in range(50):  # torch.load fails on garbage in many ways; each must be the one clear error
+        (tmp_path / "noise.pt").write_bytes(os.urandom(4096))
+        with pytest.raises(ValueError, match="is not a PyTorch checkpoint"):
+            load_global_model(str(tmp_path / "noise.pt"))
