@@ -38,15 +38,16 @@ class Stopped(BaseException):
 def end_all_children() -> None:
     """SIGKILL every descendant of this process, until none is left."""
     for _ in range(50):
-        children = psutil.Process().children(recursive=True)
-        alive = [p for p in children if p.status() != psutil.STATUS_ZOMBIE] if children else []
-        if not alive:
-            break
-        for p in alive:
-            try:
-                p.kill()
+        alive = []
+        for p in psutil.Process().children(recursive=True):
+            try:  # any of them may end on its own meanwhile
+                if p.status() != psutil.STATUS_ZOMBIE:
+                    p.kill()
+                    alive.append(p)
             except psutil.NoSuchProcess:
                 pass
+        if not alive:
+            break
         psutil.wait_procs(alive, timeout=2)
     while True:  # reap the orphans this process adopted
         try:
@@ -107,14 +108,17 @@ class Watchdog:
     def _watch(self) -> None:
         adopted = set()  # processes first seen below another one: job.py's own only once their parent is gone
         while not self._done.wait(self.poll):
-            reap_adopted(adopted)
-            for site in self.sites if self.logs_root else []:
-                if site not in self.ended_sites and NVFLARE_SITE_ENDED in self._new_log_text(site):
-                    self.ended_sites.append(site)
-            if len(self.sites) - len(self.ended_sites) < self.needed:
-                # Too few sites are left to finish; NVFlare's simulator would wait for the others forever.
-                end_all_children()
-                return
+            try:
+                reap_adopted(adopted)
+                for site in self.sites if self.logs_root else []:
+                    if site not in self.ended_sites and NVFLARE_SITE_ENDED in self._new_log_text(site):
+                        self.ended_sites.append(site)
+                if len(self.sites) - len(self.ended_sites) < self.needed:
+                    # Too few sites are left to finish; NVFlare's simulator would wait for the others forever.
+                    end_all_children()
+                    return
+            except Exception as e:  # a watchdog that died would let the run hang: say what happened, go on
+                print(f"job.py's watchdog: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
 
     def _new_log_text(self, site: str) -> str:
         """What the site's log gained since the last look, from the end of the last whole line read before."""

@@ -63,6 +63,16 @@ def processes_left(path: str, grace: float = 30.0) -> list[str]:
     return processes_of(path)
 
 
+class WritesMarker:
+    """Pickled, it makes the unpickler create the file `marker`: a stand-in for a pickle that runs code."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
 def wait_for_log_lines(path: str, text: str, count: int, timeout: float) -> None:
     """Wait until `count` timestamped lines of the log at `path` (any that matches the glob) hold `text`."""
     deadline = time.monotonic() + timeout

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import WritesMarker
 from data import (
     BATCH_DIR,
     IMAGE_BYTES,
@@ -132,19 +133,11 @@ def test_batch_that_is_not_cifar_is_refused(tmp_path, batch, why):
         read_batch(path)
 
 
-class _WritesMarker:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return open, (self.marker, "w")
-
-
 def test_hostile_pickle_is_refused_without_running_it(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "data_batch_1"
     with open(path, "wb") as f:
-        pickle.dump({"data": _WritesMarker(str(marker)), "labels": []}, f, protocol=2)
+        pickle.dump({"data": WritesMarker(str(marker)), "labels": []}, f, protocol=2)
     with pytest.raises(DataError, match="refusing to load.*io.open"):
         read_batch(str(path))
     assert not marker.exists()
