@@ -107,7 +107,7 @@ def build_recipe(args: argparse.Namespace):
     sites = site_names(args.n_clients)
     recipe = QuickFedAvgRecipe(
         name=JOB_NAME,
-        model=Net(),
+        model=Net(seed=args.seed),  # the initial global model: the same for the same --seed
         min_clients=len(sites),
         # A relative path: the recipe copies the file into the job, so the job does not depend on it staying put.
         initial_ckpt=os.path.relpath(args.initial_model) if args.initial_model else None,

@@ -32,7 +32,7 @@ TRAINING_FLAGS = {
         "default": None,
         "help": "Dirichlet label skew across sites (small: skewed); default IID shards",
     },
-    "seed": {"type": int, "default": 0, "help": "seed of the shard split and the shuffles"},
+    "seed": {"type": int, "default": 0, "help": "seed of the initial global model, the shard split and the shuffles"},
     "use_tracking": {"action": "store_true", "help": "log each site's metrics to TensorBoard"},
     "stall_timeout": {
         "type": positive_float,

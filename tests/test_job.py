@@ -53,6 +53,20 @@ def test_global_accuracy_climbs_well_above_chance(default_run):
     assert_learns(round_metrics(workspace))
 
 
+def test_the_same_seed_reproduces_every_round(default_run, synthetic_root, tmp_path):
+    _, first, _ = default_run
+    again = run_job(
+        "--num_rounds", "3", "--data_root", synthetic_root, "--workspace", str(tmp_path), "--master_port", "7815"
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr[-3000:]
+
+    def per_round(workspace):
+        return [(metric(r["aggregated_metrics"], "accuracy"), metric(r["aggregated_metrics"], "train_loss"))
+                for r in round_metrics(workspace)]  # fmt: skip
+
+    assert per_round(str(tmp_path)) == per_round(first)
+
+
 def test_global_models_load_into_net_and_best_is_the_best_round(default_run, synthetic_root):
     _, workspace, _ = default_run
     app = os.path.join(workspace, JOB_NAME, "server", "simulate_job", "app_server")

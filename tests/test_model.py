@@ -55,3 +55,15 @@ def test_random_bytes_are_not_a_checkpoint(tmp_path):
         (tmp_path / "noise.pt").write_bytes(os.urandom(4096))
         with pytest.raises(ValueError, match="is not a PyTorch checkpoint"):
             load_global_model(str(tmp_path / "noise.pt"))
+
+
+def test_a_seed_fixes_the_initial_weights_and_leaves_the_global_generator_alone():
+    def weights(net):
+        return torch.cat([t.flatten() for t in net.state_dict().values()])
+
+    torch.manual_seed(1)
+    expected_next = torch.rand(3)
+    torch.manual_seed(1)
+    assert torch.equal(weights(Net(seed=3)), weights(Net(seed=3)))
+    assert not torch.equal(weights(Net(seed=3)), weights(Net(seed=4)))
+    assert torch.equal(torch.rand(3), expected_next)
