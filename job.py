@@ -214,7 +214,7 @@ def run_in_simulator(recipe, args: argparse.Namespace) -> int:
     env = SimEnv(clients=sites, workspace_root=args.workspace)
     workspace = os.path.join(args.workspace, JOB_NAME)
     stopped = None
-    with Watchdog(workspace, sites, needed=len(sites)):
+    with Watchdog(workspace, sites):
         try:
             recipe.execute(env)
         except RuntimeError:  # the simulator failed; the summary says which site and why
@@ -249,7 +249,7 @@ def run_on_system(recipe, args: argparse.Namespace) -> int:
     else:
         env = ProdEnv(startup_kit_location=args.startup_kit)
     run = result = status = stopped = None
-    with Watchdog(None, sites, needed=len(sites)):
+    with Watchdog(None, sites):
         try:
             run = recipe.execute(env)
             print(f"submitted job {run.get_job_id()}; waiting for it to finish")

@@ -6,8 +6,8 @@ its run before its trainer's handshake. While a run is under way, this module:
 - makes job.py the parent of last resort of everything the run starts (Linux's child subreaper), so
   no process can slip out of job.py's process tree;
 - turns SIGTERM and SIGINT into a `Stopped` exception in job.py's main thread;
-- watches the sites' logs and ends the run when so many sites have ended theirs that the rest
-  cannot finish the job;
+- watches the sites' logs and ends the run as soon as a site has ended its own: FedAvg here
+  needs every site in every round;
 - when the run is over, for whatever reason, ends every process it left behind.
 """
 
@@ -74,10 +74,10 @@ def reap_adopted(adopted: set[int]) -> None:
 
 
 class Watchdog:
-    """`with Watchdog(logs_root, sites, needed):` around a run; `ended_sites` says which sites ended their run."""
+    """`with Watchdog(logs_root, sites):` around a run; logs_root None: no site logs to watch (a real system)."""
 
-    def __init__(self, logs_root: str | None, sites: list[str], needed: int, poll: float = 0.5):
-        self.logs_root, self.sites, self.needed, self.poll = logs_root, sites, needed, poll
+    def __init__(self, logs_root: str | None, sites: list[str], poll: float = 0.5):
+        self.logs_root, self.sites, self.poll = logs_root, sites, poll
         self.ended_sites: list[str] = []
         self._seen = dict.fromkeys(sites, 0)  # how much of each site's log has been read
         self._started = time.time()  # a log older than this is a previous run's, before the simulator clears it
@@ -113,8 +113,7 @@ class Watchdog:
                 for site in self.sites if self.logs_root else []:
                     if site not in self.ended_sites and NVFLARE_SITE_ENDED in self._new_log_text(site):
                         self.ended_sites.append(site)
-                if len(self.sites) - len(self.ended_sites) < self.needed:
-                    # Too few sites are left to finish; NVFlare's simulator would wait for the others forever.
+                if self.ended_sites:  # NVFlare's simulator would wait for its result for ever
                     end_all_children()
                     return
             except Exception as e:  # a watchdog that died would let the run hang: say what happened, go on
