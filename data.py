@@ -103,7 +103,7 @@ def is_synthetic(data_root: str) -> bool:
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 images to floats in [-1, 1]: the seed's ToTensor + Normalize((0.5,)*3, (0.5,)*3)."""
+    """uint8 images to floats in [-1, 1]: the original example's ToTensor + Normalize((0.5,)*3, (0.5,)*3)."""
     return images.float().div_(127.5).sub_(1.0)
 
 

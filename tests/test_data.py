@@ -59,7 +59,7 @@ def test_loader_maps_channel_major_rows_to_nchw(tmp_path):
     assert train_y[4] == 9
 
 
-def test_normalize_matches_the_seed_transform():
+def test_normalize_matches_the_original_examples_transform():
     images = torch.tensor([0, 1, 127, 128, 255], dtype=torch.uint8)
     expected = (images.float() / 255 - 0.5) / 0.5  # ToTensor, then Normalize((0.5,)*3, (0.5,)*3)
     assert torch.allclose(normalize(images), expected, atol=1e-6)
