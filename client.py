@@ -130,12 +130,16 @@ def train(
     epochs: int,
     batch_size: int,
     lr: float,
+    momentum: float,
+    max_grad_norm: float,
     seed: int,
     first_epoch: int,
 ) -> tuple[float, int]:
-    """Local epochs on this site's shard; returns (mean training loss over all ranks, batches of all ranks)."""
+    """Local epochs on this site's shard; returns (mean training loss over all ranks, batches of all ranks).
+
+    The gradient is clipped after DDP has averaged it, so every rank clips the same gradient the same way."""
     ddp.train()
-    optimizer = torch.optim.SGD(ddp.parameters(), lr=lr, momentum=0.9)
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=lr, momentum=momentum)
     rank, world = dist.get_rank(), dist.get_world_size()
     loss_sum = torch.zeros((), device=images.device)
     steps = 0
@@ -145,11 +149,21 @@ def train(
             loss = F.cross_entropy(ddp(normalize(images[idx])), labels[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(ddp.parameters(), max_grad_norm)
             optimizer.step()
             loss_sum += loss.detach()
             steps += 1
     dist.all_reduce(loss_sum)
     return loss_sum.item() / (steps * world), steps * world
+
+
+def round_lr(lr: float, current_round: int, warmup_rounds: int) -> float:
+    """The learning rate of a round: a linear warm-up over the first warmup_rounds rounds, then lr.
+
+    While the global model is near chance, the sites' first updates disagree most; smaller steps then keep the
+    average from swinging."""
+    return lr * min(1.0, (current_round + 1) / warmup_rounds)
 
 
 def run_site(args, device: torch.device) -> None:
@@ -203,7 +217,9 @@ def run_site(args, device: torch.device) -> None:
             train_y,
             epochs=args.epochs,
             batch_size=args.batch_size,
-            lr=args.lr,
+            lr=round_lr(args.lr, current_round, args.warmup_rounds),
+            momentum=args.momentum,
+            max_grad_norm=args.max_grad_norm,
             seed=args.seed,
             first_epoch=current_round * args.epochs,
         )

@@ -97,11 +97,6 @@ def load_cifar10(data_root: str):
     return torch.from_numpy(train_x), torch.from_numpy(train_y), torch.from_numpy(test_x), torch.from_numpy(test_y)
 
 
-def is_synthetic(data_root: str) -> bool:
-    meta_path = os.path.join(data_root, BATCH_DIR, META_FILE)
-    return os.path.isfile(meta_path) and bool(read_pickle(meta_path).get("synthetic", False))
-
-
 def normalize(images: torch.Tensor) -> torch.Tensor:
     """uint8 images to floats in [-1, 1]: the original example's ToTensor + Normalize((0.5,)*3, (0.5,)*3)."""
     return images.float().div_(127.5).sub_(1.0)
@@ -199,43 +194,73 @@ def write_pickle(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
-def synthetic_images(labels: np.ndarray, templates: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+# The synthetic stand-ins, by name: images per training batch file (five of them) and in the test file,
+# and how the images are drawn. "standard" is easy and smooth; "small" is a few sharp images per site,
+# where a learning rate that is too bold shows: the global model dips, or collapses, from round to round.
+SYNTHETIC_PRESETS = {
+    "standard": {"per_batch": 2000, "test": 2000, "clutter": 0.9, "noise": 0.8, "contrast": 40},
+    "small": {"per_batch": 300, "test": 1000, "clutter": 0.3, "noise": 0.3, "contrast": 70},
+}
+
+
+def synthetic_images(
+    labels: np.ndarray, templates: np.ndarray, rng: np.random.Generator, clutter: float, noise: float, contrast: float
+) -> np.ndarray:
     """Noisy, shifted, rescaled copies of each label's template: learnable, but not at a glance."""
     n = len(labels)
     # Smooth per-image clutter: coarse random colour fields, upsampled 8x.
-    clutter = np.kron(rng.normal(0, 1, (n, 3, 4, 4)), np.ones((1, 1, 8, 8)))
-    images = templates[labels] * rng.uniform(0.4, 1.2, (n, 1, 1, 1)) + 0.9 * clutter
-    images += rng.normal(0, 0.8, images.shape)
+    fields = np.kron(rng.normal(0, 1, (n, 3, 4, 4)), np.ones((1, 1, 8, 8)))
+    images = templates[labels] * rng.uniform(0.4, 1.2, (n, 1, 1, 1)) + clutter * fields
+    images += rng.normal(0, noise, images.shape)
     shifts = rng.integers(-3, 4, (n, 2))
     for i, (dy, dx) in enumerate(shifts):
         images[i] = np.roll(images[i], (dy, dx), axis=(1, 2))
-    return np.clip(127.5 + 40 * images, 0, 255).astype(np.uint8).reshape(n, IMAGE_BYTES)
+    return np.clip(127.5 + contrast * images, 0, 255).astype(np.uint8).reshape(n, IMAGE_BYTES)
 
 
-def write_synthetic(data_root: str, per_batch: int = 2000, seed: int = 0) -> str:
-    """Write a small learnable stand-in for CIFAR-10 in the python-version layout; returns its folder."""
+def synthetic_preset(data_root: str) -> str | None:
+    """The name of the synthetic stand-in in `data_root`, or None for anything else (the real CIFAR-10, nothing)."""
+    meta_path = os.path.join(data_root, BATCH_DIR, META_FILE)
+    if not os.path.isfile(meta_path):
+        return None
+    meta = read_pickle(meta_path)
+    if not meta.get("synthetic", False):
+        return None
+    return meta.get("preset", "standard")
+
+
+def is_synthetic(data_root: str) -> bool:
+    return synthetic_preset(data_root) is not None
+
+
+def write_synthetic(data_root: str, preset: str = "standard", seed: int = 0) -> str:
+    """Write a learnable stand-in for CIFAR-10 (a SYNTHETIC_PRESETS name) in the python-version layout;
+    returns its folder."""
+    spec = SYNTHETIC_PRESETS[preset]
     rng = np.random.default_rng(seed)
     folder = os.path.join(data_root, BATCH_DIR)
     os.makedirs(folder, exist_ok=True)
     # One template a class: a random 8 x 8 colour pattern, upsampled to 32 x 32.
     templates = np.kron(rng.normal(0, 1, (NUM_CLASSES, 3, 8, 8)), np.ones((1, 1, 4, 4)))
     for name in TRAIN_FILES + [TEST_FILE]:
-        labels = rng.integers(0, NUM_CLASSES, per_batch)
+        n = spec["test"] if name == TEST_FILE else spec["per_batch"]
+        labels = rng.integers(0, NUM_CLASSES, n)
         write_pickle(
             os.path.join(folder, name),
             {
-                "batch_label": f"SYNTHETIC stand-in for CIFAR-10, {name}",
+                "batch_label": f"SYNTHETIC stand-in for CIFAR-10 ({preset}), {name}",
                 "labels": [int(v) for v in labels],
-                "data": synthetic_images(labels, templates, rng),
-                "filenames": [f"synthetic_{name}_{i:05d}.png" for i in range(per_batch)],
+                "data": synthetic_images(labels, templates, rng, spec["clutter"], spec["noise"], spec["contrast"]),
+                "filenames": [f"synthetic_{name}_{i:05d}.png" for i in range(n)],
             },
         )
     write_pickle(
         os.path.join(folder, META_FILE),
         {
             "synthetic": True,
+            "preset": preset,
             "label_names": [f"synthetic_class_{c}" for c in range(NUM_CLASSES)],
-            "num_cases_per_batch": per_batch,
+            "num_cases_per_batch": spec["per_batch"],
             "num_vis": IMAGE_BYTES,
         },
     )

@@ -2,6 +2,7 @@
 log, the cause of a failure from the sites' logs, and the summary job.py prints."""
 
 import json
+import math
 import os
 import re
 import signal
@@ -48,6 +49,34 @@ def read_final_scores(server_dir: str) -> dict[str, float]:
 
 def metric(metrics: list[dict], name: str) -> float:
     return next(m["value"] for m in metrics if m["name"] == name)
+
+
+def learning_curve(server_dir: str) -> tuple[list[float], list[float]]:
+    """(accuracy of the global model after 0, 1, ... rounds, ending with the final model's; mean train loss of
+    each round) of a finished run."""
+    rounds = read_rounds(server_dir)
+    final = read_final_scores(server_dir)
+    accuracies = [metric(r["aggregated_metrics"], "accuracy") for r in rounds]
+    accuracies += [sum(final.values()) / len(final)] if final else []
+    return accuracies, [metric(r["aggregated_metrics"], "train_loss") for r in rounds]
+
+
+# What "the defaults never collapse" means, measured on a learning curve (README, "Choosing the defaults").
+SETTLE_ROUNDS = 3  # dips are counted from the global model after this many rounds on
+CHANCE_LOSS = math.log(10)  # cross-entropy of a uniform guess over the 10 classes
+
+
+def worst_dip(accuracies: list[float]) -> float:
+    """The largest fall of the global accuracy below the best so far, from SETTLE_ROUNDS rounds on."""
+    return max(
+        [max(accuracies[: r + 1]) - accuracies[r] for r in range(SETTLE_ROUNDS, len(accuracies))] + [0.0],
+    )
+
+
+def back_to_chance(losses: list[float]) -> bool:
+    """Whether the training loss climbed back near chance (90% of it) after it had fallen below two thirds of it."""
+    learned = [r for r, loss in enumerate(losses) if loss < 2 / 3 * CHANCE_LOSS]
+    return bool(learned) and any(loss > 0.9 * CHANCE_LOSS for loss in losses[learned[0] :])
 
 
 def log_times(path: str, text: str) -> list[float]:

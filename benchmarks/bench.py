@@ -5,10 +5,12 @@
 2. DDP scaling: epoch time with 2 ranks vs 1 rank;
 3. FL overhead: round wall time minus the slowest site's train + eval, and time to the first
    trainer handshake, from the job's own logs;
-4. accuracy and wall time of the defaults vs the original example's settings, after the same rounds.
+4. accuracy over seeds (mean and range, dips, collapses) and wall time of the defaults vs a baseline's
+   settings (the original example's, or this project's previous defaults), after the same rounds.
 
-  python benchmarks/bench.py --data_root /tmp/nvflare/data          # everything, about 6 minutes on 2 cores
+  python benchmarks/bench.py --data_root /tmp/nvflare/data          # everything, about 12 minutes on 2 cores
   python benchmarks/bench.py --data_root /tmp/nvflare/data --quick  # a smoke run of every item
+  python benchmarks/bench.py --data_root /tmp/small --items 4 --n_clients 3 --alpha 0.5 --baseline previous
 """
 
 import argparse
@@ -31,10 +33,14 @@ sys.path.insert(0, PROJECT)  # the example's own modules, one folder up
 
 from data import BATCH_DIR, META_FILE, epoch_batches, load_cifar10, normalize, read_pickle
 from model import Net
-from protocol import DEFAULT_DATA_ROOT, TRAINING_FLAGS
-from results import JOB_NAME, log_times, metric, read_final_scores, read_rounds
+from protocol import DEFAULT_DATA_ROOT, TRAINING_FLAGS, positive_float, positive_int
+from results import JOB_NAME, back_to_chance, learning_curve, log_times, metric, read_rounds, worst_dip
 
-ORIGINAL_SETTINGS = {"batch_size": 4, "lr": 0.001, "epochs": 2}  # the client.py of NVFlare's original example
+# The client.py of NVFlare's original example: batch 4, SGD lr 0.001 with momentum 0.9, no clipping, no warm-up.
+ORIGINAL_SETTINGS = {"batch_size": 4, "lr": 0.001, "momentum": 0.9, "max_grad_norm": 0, "warmup_rounds": 1, "epochs": 2}
+# This project's defaults before they were chosen over seeds (README, "Choosing the defaults").
+PREVIOUS_DEFAULTS = {"batch_size": 64, "lr": 0.04, "momentum": 0.9, "max_grad_norm": 0, "warmup_rounds": 1, "epochs": 2}
+BASELINES = {"original": ORIGINAL_SETTINGS, "previous": PREVIOUS_DEFAULTS}
 
 
 def machine() -> str:
@@ -112,7 +118,8 @@ def ddp_epoch_worker(data_root: str, n: int, batch_size: int) -> None:
     x, y = train_x[:n].to(device), train_y[:n].to(device)
     model = Net().to(device)
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    settings = {"epochs": 1, "batch_size": batch_size, "lr": 0.01, "seed": 0}
+    defaults = {name: TRAINING_FLAGS[name]["default"] for name in ("lr", "momentum", "max_grad_norm")}
+    settings = {"epochs": 1, "batch_size": batch_size, "seed": 0, **defaults}
     train(ddp, x, y, **settings, first_epoch=0)  # warm-up epoch
     dist.barrier()
     started = time.perf_counter()
@@ -159,22 +166,14 @@ def ddp_epoch_seconds(data_root: str, nproc: int, n: int, batch_size: int) -> di
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def run_job(data_root: str, rounds: int, settings: dict, workspace: str) -> dict:
-    """The real `python job.py`; returns wall time, accuracies and overheads read from its workspace."""
+def run_job(data_root: str, job_flags: list[str], settings: dict, workspace: str) -> dict:
+    """The real `python job.py`; returns wall time, the learning curve and overheads read from its workspace."""
     flags = [f"--{k}={v}" for k, v in settings.items()]
     started = time.time()
     subprocess.run(
-        [
-            sys.executable,
-            os.path.join(PROJECT, "job.py"),
-            "--num_rounds",
-            str(rounds),
-            "--data_root",
-            data_root,
-            "--workspace",
-            workspace,
-            *flags,
-        ],
+        [sys.executable, os.path.join(PROJECT, "job.py"), "--data_root", data_root, "--workspace", workspace]
+        + job_flags
+        + flags,
         capture_output=True,
         text=True,
         check=True,
@@ -182,15 +181,17 @@ def run_job(data_root: str, rounds: int, settings: dict, workspace: str) -> dict
     )
     wall = time.time() - started
     ws = os.path.join(workspace, JOB_NAME)
+    server_dir = os.path.join(ws, "server", "simulate_job")
     server_log = os.path.join(ws, "server", "log.txt")
-    rounds_done = read_rounds(os.path.join(ws, "server", "simulate_job"))
-    final = read_final_scores(os.path.join(ws, "server", "simulate_job"))
+    rounds_done = read_rounds(server_dir)
+    accuracies, losses = learning_curve(server_dir)
 
     # Round r runs from "Sending task train" to the next one; the last round has no next.
     sends = log_times(server_log, "Sending task train")
     pickups = log_times(server_log, "sent task assignment to client")  # one per site per round
     results = log_times(server_log, "finished processing client result by controller")
-    n_sites = len(rounds_done[0]["sites"])
+    sites = [s["name"] for s in rounds_done[0]["sites"]]
+    n_sites = len(sites)
     per_round = []
     for r in range(1, len(sends) - 1):  # round 0 includes start-up; the last has no successor
         wall_r = sends[r + 1] - sends[r]
@@ -205,24 +206,41 @@ def run_job(data_root: str, rounds: int, settings: dict, workspace: str) -> dict
             }
         )
     handshakes = [
-        t
-        for site in ("site-1", "site-2")
-        for t in log_times(os.path.join(ws, site, "log.txt"), "trainer session established")
+        t for site in sites for t in log_times(os.path.join(ws, site, "log.txt"), "trainer session established")
     ]
     mean = lambda key: sum(p[key] for p in per_round) / len(per_round) if per_round else float("nan")  # noqa: E731
     return {
         "wall": wall,
-        "last_round_accuracy": metric(rounds_done[-1]["aggregated_metrics"], "accuracy"),
-        "final_accuracy": sum(final.values()) / len(final),
+        "last_round_accuracy": accuracies[-2],
+        "final_accuracy": accuracies[-1],
+        "worst_dip": worst_dip(accuracies),
+        "back_to_chance": back_to_chance(losses),
         "to_handshake": max(handshakes) - started,
         **{key: mean(key) for key in ("round_wall", "compute", "overhead", "task_pickup", "after_last_result")},
     }
+
+
+def over_seeds(runs: list[dict], key: str, fmt: str = ".3f") -> str:
+    """mean [min-max] of runs[*][key]."""
+    values = [run[key] for run in runs]
+    return f"{sum(values) / len(values):{fmt}} [{min(values):{fmt}}-{max(values):{fmt}}]"
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_root", default=DEFAULT_DATA_ROOT)
     p.add_argument("--quick", action="store_true", help="small sizes: checks that every item runs")
+    p.add_argument("--items", default="1234", help="the items to run, for example 4 (default: all)")
+    p.add_argument("--seeds", type=positive_int, help="seeds 0..N-1 of item 4 (default 5; 2 with --quick)")
+    p.add_argument("--num_rounds", type=positive_int, help="rounds of each job (default 5; 3 with --quick)")
+    p.add_argument("--n_clients", type=positive_int, default=2, help="sites of each job")
+    p.add_argument("--alpha", type=positive_float, help="Dirichlet label skew of each job (default IID)")
+    p.add_argument(
+        "--baseline",
+        choices=BASELINES,
+        default="original",
+        help="item 4's baseline: the original example's settings, or this project's defaults before the current ones",
+    )
     p.add_argument("--ddp_epoch", type=int, help=argparse.SUPPRESS)  # internal: the torchrun worker
     p.add_argument(
         "--batch_size",
@@ -236,67 +254,120 @@ def main() -> None:
 
     torch.set_num_threads(1)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    n_original, n_fast, n_ddp, rounds = (200, 1000, 1000, 3) if args.quick else (2000, 10_000, 10_000, 5)
+    n_original, n_fast, n_ddp = (200, 1000, 1000) if args.quick else (2000, 10_000, 10_000)
+    seeds = args.seeds or (2 if args.quick else 5)
+    rounds = args.num_rounds or (3 if args.quick else 5)
     print(f"machine: {machine()}; one thread per process; device {device}")
     rows = []
 
-    original = original_path_images_per_s(args.data_root, n_original, device)
-    fast = tensor_path_images_per_s(args.data_root, n_fast, args.batch_size, device)
-    rows.append(
-        (
-            f"1 data path: images/s, original path (batch 4) vs ours (batch {args.batch_size})",
-            f"{original:,.0f}",
-            f"{fast:,.0f}",
-            f"{fast / original:.1f}x faster",
+    if "1" in args.items:
+        original = original_path_images_per_s(args.data_root, n_original, device)
+        fast = tensor_path_images_per_s(args.data_root, n_fast, args.batch_size, device)
+        rows.append(
+            (
+                f"1 data path: images/s, original path (batch 4) vs ours (batch {args.batch_size})",
+                f"{original:,.0f}",
+                f"{fast:,.0f}",
+                f"{fast / original:.1f}x faster",
+            )
         )
-    )
 
-    one = ddp_epoch_seconds(args.data_root, 1, n_ddp, args.batch_size)
-    two = ddp_epoch_seconds(args.data_root, 2, n_ddp, args.batch_size)
-    rows.append(
-        (
-            f"2 DDP: epoch of {n_ddp} images, 1 rank vs 2 ranks ({two['backend']})",
-            f"{one['epoch_seconds']:.2f} s",
-            f"{two['epoch_seconds']:.2f} s",
-            f"{two['epoch_seconds'] / one['epoch_seconds']:.2f}x the time",
+    if "2" in args.items:
+        one = ddp_epoch_seconds(args.data_root, 1, n_ddp, args.batch_size)
+        two = ddp_epoch_seconds(args.data_root, 2, n_ddp, args.batch_size)
+        rows.append(
+            (
+                f"2 DDP: epoch of {n_ddp} images, 1 rank vs 2 ranks ({two['backend']})",
+                f"{one['epoch_seconds']:.2f} s",
+                f"{two['epoch_seconds']:.2f} s",
+                f"{two['epoch_seconds'] / one['epoch_seconds']:.2f}x the time",
+            )
         )
-    )
 
+    job_flags = ["--num_rounds", str(rounds), "--n_clients", str(args.n_clients)]
+    job_flags += ["--alpha", str(args.alpha)] if args.alpha else []
+    ours, base = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        original_run = run_job(args.data_root, rounds, ORIGINAL_SETTINGS, os.path.join(tmp, "original"))
-        ours = run_job(args.data_root, rounds, {}, os.path.join(tmp, "ours"))
-    rows.append(
-        (
-            "3 FL overhead per round (s): round wall - slowest site's train+eval",
-            "",
-            f"{ours['overhead']:.2f} s",
-            f"of {ours['round_wall']:.2f} s",
+        for seed in range(seeds if "4" in args.items else 1 if "3" in args.items else 0):
+            seeded = job_flags + ["--seed", str(seed)]
+            ours.append(run_job(args.data_root, seeded, {}, os.path.join(tmp, f"ours{seed}")))
+            if "4" in args.items:
+                base.append(run_job(args.data_root, seeded, BASELINES[args.baseline], os.path.join(tmp, f"base{seed}")))
+
+    if "3" in args.items:
+        first = ours[0]
+        rows.append(
+            (
+                "3 FL overhead per round (s): round wall - slowest site's train+eval",
+                "",
+                f"{first['overhead']:.2f} s",
+                f"of {first['round_wall']:.2f} s",
+            )
         )
-    )
-    rows.append(("  of which: round start -> last site picks up its task", "", f"{ours['task_pickup']:.2f} s", ""))
-    rows.append(("  of which: last result in -> next round's task sent", "", f"{ours['after_last_result']:.2f} s", ""))
-    rows.append(("  time from `python job.py` to the last trainer handshake", "", f"{ours['to_handshake']:.1f} s", ""))
-    rows.append(
-        (
-            f"4 accuracy after {rounds} rounds: original settings vs defaults (last round / final model)",
-            f"{original_run['last_round_accuracy']:.3f} / {original_run['final_accuracy']:.3f}",
-            f"{ours['last_round_accuracy']:.3f} / {ours['final_accuracy']:.3f}",
-            "",
+        rows.append(("  of which: round start -> last site picks up its task", "", f"{first['task_pickup']:.2f} s", ""))
+        rows.append(
+            ("  of which: last result in -> next round's task sent", "", f"{first['after_last_result']:.2f} s", "")
         )
-    )
-    rows.append(
-        (
-            f"  job wall time, {rounds} rounds: original settings vs defaults",
-            f"{original_run['wall']:.1f} s",
-            f"{ours['wall']:.1f} s",
-            f"{ours['wall'] / original_run['wall']:.2f}x the time",
+        rows.append(
+            ("  time from `python job.py` to the last trainer handshake", "", f"{first['to_handshake']:.1f} s", "")
         )
-    )
+
+    if "4" in args.items:
+        skew = f", alpha {args.alpha}" if args.alpha else ", IID"
+        rows.append(
+            (
+                f"4 {args.baseline} settings vs defaults, {seeds} seeds, {args.n_clients} sites{skew}, {rounds} rounds",
+                "",
+                "",
+                "",
+            )
+        )
+        rows.append(
+            (
+                "  final model accuracy: mean [min-max]",
+                over_seeds(base, "final_accuracy"),
+                over_seeds(ours, "final_accuracy"),
+                "",
+            )
+        )
+        rows.append(
+            (
+                "  last round's global accuracy: mean [min-max]",
+                over_seeds(base, "last_round_accuracy"),
+                over_seeds(ours, "last_round_accuracy"),
+                "",
+            )
+        )
+        rows.append(
+            (
+                "  worst dip below the best so far, after round 2",
+                f"{max(r['worst_dip'] for r in base):.3f}",
+                f"{max(r['worst_dip'] for r in ours):.3f}",
+                "",
+            )
+        )
+        rows.append(
+            (
+                "  runs whose train loss went back near chance",
+                f"{sum(r['back_to_chance'] for r in base)} of {seeds}",
+                f"{sum(r['back_to_chance'] for r in ours)} of {seeds}",
+                "",
+            )
+        )
+        wall = lambda runs: sum(r["wall"] for r in runs) / len(runs)  # noqa: E731
+        rows.append(
+            (
+                "  job wall time (s): mean [min-max]",
+                over_seeds(base, "wall", ".1f"),
+                over_seeds(ours, "wall", ".1f"),
+                f"{wall(ours) / wall(base):.2f}x the time",
+            )
+        )
 
     width = max(len(r[0]) for r in rows)
-    print(f"{'item':<{width}}  {'baseline':>15}  {'this project':>15}  ratio")
-    for name, base, mine, ratio in rows:
-        print(f"{name:<{width}}  {base:>15}  {mine:>15}  {ratio}")
+    print(f"{'item':<{width}}  {'baseline':>21}  {'this project':>21}  ratio")
+    for name, base_value, ours_value, ratio in rows:
+        print(f"{name:<{width}}  {base_value:>21}  {ours_value:>21}  {ratio}".rstrip())
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from results import diagnose, failure_phase
+from results import back_to_chance, diagnose, failure_phase, worst_dip
 
 ROOT_CAUSE = """2026-11-27 05:45:39,772 - ExternalProcessBackend - INFO - Root Cause (first observed failure):
 2026-11-27 05:45:39,772 - ExternalProcessBackend - INFO - [0]:
@@ -40,3 +40,16 @@ def test_phase_is_start_up_until_the_trainer_shook_hands(tmp_path):
     write_log(tmp_path, "site-1", "2026-11-27 05:45:39,772 - X - INFO - trainer session established: launch=1\n")
     assert failure_phase(logs, ["site-1"], 0, 3) == "in round 0 of 3"
     assert failure_phase(logs, ["site-1"], 3, 3) == "in the final evaluation"
+
+
+def test_a_dip_counts_from_the_settled_rounds_on():
+    # Near chance, before round 3, the accuracy may wander; after it, a fall below the best so far is a dip.
+    assert worst_dip([0.14, 0.10, 0.09, 0.30, 0.60, 0.90]) == 0.0
+    assert worst_dip([0.08, 0.13, 0.29, 0.63, 0.77, 0.80, 0.94, 0.60, 0.96]) == pytest.approx(0.34)
+    assert worst_dip([0.10, 0.20]) == 0.0
+
+
+def test_a_loss_back_near_chance_after_learning_is_a_collapse():
+    assert back_to_chance([2.30, 2.29, 2.26, 2.16, 1.41, 2.59, 1.99])  # the old defaults, small preset, seed 1
+    assert not back_to_chance([2.30, 2.29, 2.28, 2.27, 2.25, 2.10])  # slow, but never learned and lost it
+    assert not back_to_chance([2.30, 1.60, 1.45, 1.70, 0.90])  # a rise, but nowhere near chance
