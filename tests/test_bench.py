@@ -26,7 +26,12 @@ def test_quick_bench_prints_every_item(synthetic_root):
     assert re.search(r"^1 data path: .* [\d.]+x faster$", out, re.M)
     assert re.search(r"^2 DDP: .* \(gloo\) .* [\d.]+x the time$", out, re.M)
     assert re.search(r"^3 FL overhead per round .* [\d.]+ s +of [\d.]+ s$", out, re.M)
-    assert re.search(r"^4 accuracy after 3 rounds: .* 0\.\d+ / 0\.\d+ +0\.\d+ / 0\.\d+", out, re.M)
+    assert re.search(r"^4 original settings vs defaults, 1 seed\(s\), 2 sites, IID, 3 rounds$", out, re.M)
+    mean_range = r"0\.\d{3} \[0\.\d{3}-0\.\d{3}\]"
+    assert re.search(rf"^  final model accuracy: mean \[min-max\] +{mean_range} +{mean_range}$", out, re.M)
+    assert re.search(r"^  worst dip below the best so far, after round 2 +0\.\d{3} +0\.\d{3}$", out, re.M)
+    assert re.search(r"^  runs whose train loss went back near chance +\d of 1 +\d of 1$", out, re.M)
+    assert re.search(r"^  job wall time \(s\): .* [\d.]+x the time$", out, re.M)
 
 
 def test_fast_path_gives_the_original_paths_images_and_labels(synthetic_root):

@@ -2,7 +2,7 @@ import os
 import subprocess
 
 from conftest import ROOT, venv_env
-from data import BATCH_DIR, is_synthetic, load_cifar10
+from data import BATCH_DIR, is_synthetic, load_cifar10, synthetic_preset
 
 SCRIPT = os.path.join(ROOT, "prepare_data.sh")
 
@@ -34,4 +34,22 @@ def test_download_without_network_names_the_synthetic_option(tmp_path):
 
 def test_unknown_option_is_refused():
     result = subprocess.run(["bash", SCRIPT, "--synthtic"], env=venv_env(), capture_output=True, text=True)
-    assert result.returncode == 2 and "usage: bash prepare_data.sh [--synthetic]" in result.stderr
+    assert result.returncode == 2 and "usage: bash prepare_data.sh [--synthetic | --synthetic-small]" in result.stderr
+
+
+def test_small_preset_replaces_the_standard_one_and_not_the_real_dataset(tmp_path):
+    env = venv_env(DATA_ROOT=str(tmp_path))
+    for flag in ("--synthetic", "--synthetic-small"):
+        result = subprocess.run(["bash", SCRIPT, flag], env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+    assert "wrote a SYNTHETIC stand-in for CIFAR-10 (small" in result.stdout
+    assert synthetic_preset(str(tmp_path)) == "small" and len(load_cifar10(str(tmp_path))[1]) == 1_500
+
+    # A folder that holds anything but a stand-in is the user's: it is never overwritten.
+    real = tmp_path / "real"
+    (real / BATCH_DIR).mkdir(parents=True)
+    (real / BATCH_DIR / "data_batch_1").write_bytes(b"the user's own file")
+    env = venv_env(DATA_ROOT=str(real))
+    result = subprocess.run(["bash", SCRIPT, "--synthetic-small"], env=env, capture_output=True, text=True)
+    assert result.returncode != 0 and "leaving it alone" in result.stderr
+    assert (real / BATCH_DIR / "data_batch_1").read_bytes() == b"the user's own file"

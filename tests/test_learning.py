@@ -1,0 +1,37 @@
+"""The defaults learn without dips or collapse: a short multi-seed check on the small synthetic preset, in the
+hardest setting of README's "Choosing the defaults" (3 sites with skewed labels). The full check, 5 seeds on
+both presets with 2 and 3 sites, is benchmarks/bench.py item 4 (benchmarks/BENCHMARKS.md)."""
+
+import os
+import subprocess
+
+import pytest
+
+from conftest import ROOT, run_job, venv_env
+from results import JOB_NAME, back_to_chance, learning_curve, worst_dip
+
+
+@pytest.fixture(scope="module")
+def small_root(tmp_path_factory) -> str:
+    """A data root holding the small synthetic preset, written by the real prepare_data.sh."""
+    root = str(tmp_path_factory.mktemp("small"))
+    subprocess.run(
+        ["bash", os.path.join(ROOT, "prepare_data.sh"), "--synthetic-small"],
+        env=venv_env(DATA_ROOT=root),
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    return root
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_defaults_climb_without_a_dip_on_three_skewed_sites(small_root, tmp_path, seed):
+    flags = ["--n_clients", "3", "--alpha", "0.5", "--num_rounds", "6", "--seed", str(seed)]
+    result = run_job("--data_root", small_root, "--workspace", str(tmp_path), *flags)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    accuracies, losses = learning_curve(os.path.join(tmp_path, JOB_NAME, "server", "simulate_job"))
+    assert len(accuracies) == 7  # after 0..6 rounds: the last is the final model's
+    assert worst_dip(accuracies) <= 0.05, accuracies
+    assert not back_to_chance(losses), losses
+    assert accuracies[-1] > 0.8, accuracies
