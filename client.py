@@ -104,13 +104,16 @@ def inject_fault(site: str, phase: str) -> None:
     """For tests only: DDP_EXAMPLE_FAULT=SITE:RANK:PHASE:KIND makes that rank fail when it reaches PHASE:
     `start` (before the handshake), a round number (when that round's task arrives) or `eval` (the final
     evaluation). KIND is kill (SIGKILL this rank), raise (an exception), stop (SIGSTOP this rank: it hangs)
-    or kill_torchrun (SIGKILL the site's torchrun)."""
-    spec = os.environ.get("DDP_EXAMPLE_FAULT", "")
-    if not spec:
+    or kill_torchrun (SIGKILL the site's torchrun). Several faults: comma-separated."""
+    specs = [spec.split(":") for spec in os.environ.get("DDP_EXAMPLE_FAULT", "").split(",") if spec]
+    kinds = [
+        kind
+        for f_site, f_rank, f_phase, kind in specs
+        if (f_site, int(f_rank), f_phase) == (site, dist.get_rank(), phase)
+    ]
+    if not kinds:
         return
-    f_site, f_rank, f_phase, kind = spec.split(":")
-    if (f_site, int(f_rank), f_phase) != (site, dist.get_rank(), phase):
-        return
+    kind = kinds[0]
     print(f"{site} rank {dist.get_rank()}: injecting fault '{kind}' at {phase}", flush=True)
     if kind == "raise":
         raise RuntimeError("injected fault")

@@ -14,6 +14,7 @@ import time
 # Importing nvflare.recipe takes NVFlare's own --export / --export-dir out of sys.argv; note them first.
 NVFLARE_EXPORT = "--export" in sys.argv[1:]
 
+from nvflare.app_common.workflows.cross_site_model_eval import CrossSiteModelEval
 from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
 from nvflare.recipe import (
     PocEnv,
@@ -29,6 +30,7 @@ from data import DataError, batch_paths
 from model import Net, load_global_model
 from protocol import add_training_flags, positive_int, train_args
 from results import JOB_NAME, summarize
+from tolerant_fedavg import LiveSitesEvaluation, TolerantFedAvg
 from watchdog import Stopped, Watchdog
 
 EXPORT_DIR = "/tmp/nvflare/jobs/job_config"
@@ -51,6 +53,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help=f"write the job folder to {EXPORT_DIR} for `nvflare job submit` instead of running it",
     )
     p.add_argument("--n_clients", type=positive_int, default=2, help="number of sites, named site-1..site-N")
+    p.add_argument(
+        "--min_clients",
+        type=positive_int,
+        help="the fewest sites a round may average. Below --n_clients, a site whose training fails drops out and "
+        "the others go on; by default every site is needed, and any failure ends the job",
+    )
     p.add_argument("--nproc_per_node", type=positive_int, default=2, help="DDP ranks (GPUs) per site")
     p.add_argument(
         "--master_port", type=port, default=7777, help="torchrun master port of site-1; site-N uses master_port + N - 1"
@@ -76,6 +84,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="simulator workspace root; --env poc copies the job's result under it",
     )
     args = p.parse_args(argv)
+    if args.min_clients is None:
+        args.min_clients = args.n_clients
+    if args.min_clients > args.n_clients:
+        p.error(f"--min_clients {args.min_clients} is more than --n_clients {args.n_clients}")
     if (args.env == "prod") != (args.startup_kit is not None):
         p.error("--env prod needs --startup_kit DIR, and --startup_kit only goes with --env prod")
     if args.startup_kit is not None and not os.path.isdir(args.startup_kit):
@@ -97,10 +109,38 @@ def site_command(nproc_per_node: int, master_port: int) -> str:
 
 
 class QuickFedAvgRecipe(FedAvgRecipe):
-    """FedAvg whose server notices finished tasks within 0.1 s instead of NVFlare's default 0.5 s."""
+    """FedAvg whose server notices finished tasks within 0.1 s instead of NVFlare's default 0.5 s. With
+    `tolerate_down_to` K below the number of sites, the server runs TolerantFedAvg: failed sites drop out, down to
+    K sites."""
+
+    def __init__(self, *, tolerate_down_to: int, **kwargs):
+        self.tolerate_down_to = tolerate_down_to  # read while the parent's __init__ creates the controller
+        super().__init__(**kwargs)
 
     def _get_controller_kwargs(self):
         return {**super()._get_controller_kwargs(), "task_check_period": 0.1}
+
+    def _create_controller(self, persistor_id, model_params, model_aggregator):
+        if self.tolerate_down_to >= self.min_clients:
+            return super()._create_controller(persistor_id, model_params, model_aggregator)
+        # The arguments of NVFlare 2.9's FedAvgRecipe._create_controller, plus the floor.
+        return TolerantFedAvg(
+            min_clients=self.tolerate_down_to,
+            num_clients=self.min_clients,
+            num_rounds=self.num_rounds,
+            persistor_id=persistor_id,
+            model=model_params,
+            save_filename=self.save_filename,
+            aggregator=model_aggregator,
+            stop_cond=self.stop_cond,
+            patience=self.patience,
+            task_name="train",
+            exclude_vars=self.exclude_vars,
+            aggregation_weights=self.aggregation_weights,
+            memory_gc_rounds=self.server_memory_gc_rounds,
+            enable_tensor_disk_offload=self.enable_tensor_disk_offload,
+            **self._get_controller_kwargs(),
+        )
 
 
 def build_recipe(args: argparse.Namespace):
@@ -108,7 +148,8 @@ def build_recipe(args: argparse.Namespace):
     recipe = QuickFedAvgRecipe(
         name=JOB_NAME,
         model=Net(seed=args.seed),  # the initial global model: the same for the same --seed
-        min_clients=len(sites),
+        min_clients=len(sites),  # NVFlare's FedAvg samples this many sites a round: all of them
+        tolerate_down_to=args.min_clients,
         # A relative path: the recipe copies the file into the job, so the job does not depend on it staying put.
         initial_ckpt=os.path.relpath(args.initial_model) if args.initial_model else None,
         num_rounds=args.num_rounds,
@@ -136,10 +177,16 @@ def build_recipe(args: argparse.Namespace):
     })  # fmt: skip
     for module in ("data.py", "model.py", "protocol.py"):  # what client.py imports
         recipe.add_client_file(os.path.join(HERE, module))
+    if args.min_clients < args.n_clients:
+        recipe.add_server_file(os.path.join(HERE, "tolerant_fedavg.py"))
     if args.use_tracking:
         add_experiment_tracking(recipe, "tensorboard")
     # After the last round, every site scores the final global model, which no round has evaluated.
     add_final_global_evaluation(recipe)
+    if args.min_clients < args.n_clients:  # ... every site that is left
+        for workflow in recipe._job._deploy_map["server"].app_config.workflows:  # as NVFlare's recipe utils do
+            if type(workflow.controller) is CrossSiteModelEval:
+                workflow.controller.__class__ = LiveSitesEvaluation
     return recipe
 
 
@@ -228,6 +275,7 @@ def run_in_simulator(recipe, args: argparse.Namespace) -> int:
         args.num_rounds,
         logs_root=workspace,
         stopped_by=str(stopped) if stopped else None,
+        min_clients=args.min_clients,
     )
     return 128 + stopped.signum if stopped else code
 
@@ -279,6 +327,7 @@ def run_on_system(recipe, args: argparse.Namespace) -> int:
         sites,
         args.num_rounds,
         logs_root=logs_root,
+        min_clients=args.min_clients,
     )
     if status != "FINISHED:COMPLETED":
         print(f"ERROR: job {run.get_job_id()} did not complete (status {status})", file=sys.stderr)

@@ -141,6 +141,7 @@ def report_failure(
     complete_rounds: int,
     logs_root: str | None,
     stopped_by: str | None,
+    min_clients: int,
 ) -> None:
     """The error line: what stopped the job, where, and which global model is kept."""
     causes = {site: diagnose(logs_root, site) for site in sites} if logs_root else {}
@@ -158,8 +159,21 @@ def report_failure(
         return
     where = f"{logs_root}/<site>/log.txt" if logs_root else "each site's workspace"
     why = "; ".join(causes[site] for site in failed) or "a site did not report"
+    if min_clients < len(sites) and len(sites) - len(failed) < min_clients:
+        why += f"; fewer than --min_clients {min_clients} sites were left"
     print(f"ERROR: the job stopped {phase}: {why}. Logs: {where}", file=sys.stderr)
     print(kept, file=sys.stderr)
+
+
+def dropouts(rounds: list[dict], sites: list[str]) -> dict[str, int]:
+    """The sites that stopped reporting before the last round: site -> the first round without it."""
+    dropped = {}
+    for site in sites:
+        present = [i for i, r in enumerate(rounds) if site in {s["name"] for s in r["sites"]}]
+        last = present[-1] if present else -1
+        if last < len(rounds) - 1:
+            dropped[site] = rounds[last + 1]["round"]
+    return dropped
 
 
 def summarize(
@@ -169,11 +183,13 @@ def summarize(
     num_rounds: int,
     logs_root: str | None = None,
     stopped_by: str | None = None,
+    min_clients: int | None = None,
 ) -> int:
     """Print the results a person wants; 1 if the job did not finish every round and the final evaluation.
 
     server_dir holds the server's metrics/ and app_server/; logs_root, where known, the sites' logs;
-    stopped_by names the signal that stopped job.py, if one did."""
+    stopped_by names the signal that stopped job.py, if one did; min_clients, the fewest sites a round may
+    average (default: all of them)."""
     rounds = read_rounds(server_dir)
     times = round_wall_times(server_log)
     if rounds:
@@ -187,13 +203,22 @@ def summarize(
             f"{r['round']:>5}  {metric(m, 'accuracy'):>15.4f}  {metric(m, 'train_loss'):>15.4f}  {seconds:>14.1f}  "
             f"{by_site}"
         )
-    complete = [r for r in rounds if {s["name"] for s in r["sites"]} == set(sites)]
+    min_clients = min_clients or len(sites)
+    complete = [r for r in rounds if len(r["sites"]) >= min_clients]
+    dropped = dropouts(rounds, sites) if min_clients < len(sites) else {}
     final_scores = read_final_scores(server_dir)
-    if stopped_by or len(complete) < num_rounds or set(final_scores) != set(sites):
-        report_failure(server_dir, sites, num_rounds, len(complete), logs_root, stopped_by)
+    if stopped_by or len(complete) < num_rounds or set(final_scores) != set(sites) - set(dropped):
+        report_failure(server_dir, sites, num_rounds, len(complete), logs_root, stopped_by, min_clients)
         return 1
-    shards = {s["name"]: int(metric(s["metrics"], "shard_size")) for s in rounds[-1]["sites"]}
-    print("training shards: " + ", ".join(f"{name} {shards[name]}" for name in sites))
+    for site, r in dropped.items():
+        cause = (diagnose(logs_root, site) if logs_root else None) or "see its log"
+        later = sorted({len(x["sites"]) for x in rounds if x["round"] >= r})
+        print(
+            f"{site} dropped out in round {r} ({cause}); rounds {r}-{rounds[-1]['round']} averaged "
+            f"{' or '.join(map(str, later))} of {len(sites)} sites"
+        )
+    shards = {s["name"]: int(metric(s["metrics"], "shard_size")) for r in rounds for s in r["sites"]}
+    print("training shards: " + ", ".join(f"{name} {shards[name]}" for name in sites if name in shards))
     print("(global accuracy: the test accuracy of the global model each site received at the start of the round)")
 
     app_dir = os.path.join(server_dir, "app_server")

@@ -4,9 +4,12 @@ import sys
 
 import pytest
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
-from client import choose_backend, parse_args
+from client import choose_backend, parse_args, round_lr, train
 from conftest import ROOT, venv_env
+from model import Net
 
 
 def test_nccl_on_own_gpu_when_every_rank_has_one():
@@ -24,7 +27,17 @@ def test_gloo_on_cpu_when_ranks_outnumber_gpus_says_how_to_fix():
 
 
 @pytest.mark.parametrize(
-    "bad", [["--batch_size", "0"], ["--epochs", "-1"], ["--lr", "0"], ["--lr", "abc"], ["--site", "site-9"]]
+    "bad",
+    [
+        ["--batch_size", "0"],
+        ["--epochs", "-1"],
+        ["--lr", "0"],
+        ["--lr", "abc"],
+        ["--momentum", "-0.1"],
+        ["--max_grad_norm", "-1"],
+        ["--warmup_rounds", "0"],
+        ["--site", "site-9"],
+    ],
 )
 def test_bad_arguments_are_refused(bad):
     with pytest.raises(SystemExit) as e:
@@ -58,3 +71,34 @@ def test_trainer_under_torchrun_names_prepare_data_when_data_is_missing(tmp_path
     for rank in (0, 1):
         assert f"site-1 rank {rank}: ERROR: no CIFAR-10 in {tmp_path}" in result.stderr
     assert "run: bash prepare_data.sh" in result.stderr
+
+
+def test_warm_up_ramps_the_learning_rate_over_the_first_rounds():
+    assert [round_lr(0.2, r, warmup_rounds=2) for r in range(4)] == [0.1, 0.2, 0.2, 0.2]
+    assert [round_lr(0.3, r, warmup_rounds=3) for r in range(4)] == pytest.approx([0.1, 0.2, 0.3, 0.3])
+    assert round_lr(0.2, 0, warmup_rounds=1) == 0.2  # 1: no warm-up
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("max_grad_norm", [0.0, 1e-3])
+def test_each_step_is_clipped_to_max_grad_norm(one_rank_group, max_grad_norm):
+    # One step of plain SGD (no momentum) moves the weights by lr times the (clipped) gradient.
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 10, (64,), generator=g)
+    net = Net(seed=0)
+    before = torch.cat([p.detach().flatten().clone() for p in net.parameters()])
+    settings = {"epochs": 1, "batch_size": 64, "lr": 0.5, "momentum": 0.0, "seed": 0, "first_epoch": 0}
+    _, steps = train(DDP(net), images, labels, max_grad_norm=max_grad_norm, **settings)
+    moved = (torch.cat([p.detach().flatten() for p in net.parameters()]) - before).norm().item()
+    assert steps == 1
+    if max_grad_norm:
+        assert moved == pytest.approx(0.5 * max_grad_norm, rel=1e-3)
+    else:
+        assert moved > 0.5 * 0.1  # the unclipped gradient of a fresh Net is far larger than 1e-3

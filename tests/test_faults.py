@@ -5,7 +5,7 @@ a SIGTERM or Ctrl-C to job.py itself.
 client.py reads a test-only switch, DDP_EXAMPLE_FAULT=SITE:RANK:PHASE:KIND. PHASE is `start` (after
 torchrun started, before the handshake), a round number, or `eval` (the final evaluation); KIND is
 kill (SIGKILL that rank), raise (an exception), stop (SIGSTOP: the rank hangs) or kill_torchrun
-(SIGKILL the site's torchrun).
+(SIGKILL the site's torchrun). Several faults are comma-separated.
 """
 
 import os
@@ -16,7 +16,16 @@ import time
 
 import pytest
 
-from conftest import ROOT, processes_left, processes_of, run_job, venv_env, wait_for_log_lines
+from conftest import (
+    ROOT,
+    assert_learns,
+    processes_left,
+    processes_of,
+    round_metrics,
+    run_job,
+    venv_env,
+    wait_for_log_lines,
+)
 from model import load_global_model
 from results import JOB_NAME, log_times
 
@@ -114,3 +123,65 @@ def test_signal_to_job_py_ends_every_process_it_started(signum, phase, wait_for,
     assert f"ERROR: the job was stopped by {name} {phase}; " in stderr
     assert_kept(stderr, workspace, kept_round)
     assert stderr.strip().splitlines()[-1].startswith("ERROR: the job was stopped"), stderr[-3000:]
+
+
+# 3 sites x 1 rank share this machine's cores: one thread each (torchrun sets that only for 2+ ranks).
+MIN_CLIENTS_RUN = ["--n_clients", "3", "--nproc_per_node", "1", "--min_clients", "2", "--master_port", "7830"]
+
+
+def site_lists(workspace: str) -> list[list[str]]:
+    return [sorted(s["name"] for s in r["sites"]) for r in round_metrics(workspace)]
+
+
+def test_with_min_clients_a_failed_site_drops_out_and_the_others_finish(synthetic_root, tmp_path):
+    workspace = str(tmp_path)
+    result = run_job(
+        "--num_rounds", "3", *MIN_CLIENTS_RUN, "--data_root", synthetic_root, "--workspace", workspace,
+        timeout=300, DDP_EXAMPLE_FAULT="site-3:0:1:kill", OMP_NUM_THREADS="1",
+    )  # fmt: skip
+
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (
+        "site-3 dropped out in round 1 (site-3 rank 0 failed (exit code -9 (SIGKILL))); "
+        "rounds 1-2 averaged 2 of 3 sites" in result.stdout
+    )
+    assert site_lists(workspace) == [["site-1", "site-2", "site-3"], ["site-1", "site-2"], ["site-1", "site-2"]]
+    assert_learns(round_metrics(workspace))
+    assert "final global model: after round 2" in result.stdout
+    assert processes_of(workspace) == []
+
+
+def test_below_min_clients_the_job_ends_naming_the_sites_it_lost(synthetic_root, tmp_path):
+    workspace = str(tmp_path)
+    result = run_job(
+        "--num_rounds", "3", *MIN_CLIENTS_RUN, "--data_root", synthetic_root, "--workspace", workspace,
+        timeout=300, DDP_EXAMPLE_FAULT="site-2:0:1:raise,site-3:0:1:kill", OMP_NUM_THREADS="1",
+    )  # fmt: skip
+
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (
+        "ERROR: the job stopped in round 1 of 3: site-2 rank 0: ERROR: RuntimeError: injected fault; "
+        "site-3 rank 0 failed (exit code -9 (SIGKILL)); fewer than --min_clients 2 sites were left. Logs: "
+    ) in result.stderr
+    assert_kept(result.stderr, workspace, 0)
+    assert processes_of(workspace) == []
+
+
+@pytest.mark.parametrize(
+    "phase, said, kept_round", [("start", "during start-up", None), ("eval", "in the final evaluation", 1)]
+)
+def test_with_min_clients_a_failure_outside_the_rounds_still_ends_the_job(
+    phase, said, kept_round, synthetic_root, tmp_path
+):
+    # Before its handshake a site can't drop out (the server is never told it ended), and after the rounds the
+    # final model would lack its score: both end the job, as without --min_clients.
+    workspace = str(tmp_path)
+    result = run_job(
+        "--num_rounds", "2", *MIN_CLIENTS_RUN, "--data_root", synthetic_root, "--workspace", workspace,
+        timeout=300, DDP_EXAMPLE_FAULT=f"site-3:0:{phase}:kill", OMP_NUM_THREADS="1",
+    )  # fmt: skip
+
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"ERROR: the job stopped {said}: site-3 rank 0 failed (exit code -9 (SIGKILL)). Logs: " in result.stderr
+    assert_kept(result.stderr, workspace, kept_round)
+    assert processes_of(workspace) == []

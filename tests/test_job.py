@@ -172,6 +172,12 @@ def test_bad_arguments_get_a_one_line_usage_error(bad):
     assert "error: argument " + bad[0] in result.stderr and "Traceback" not in result.stderr
 
 
+def test_more_min_clients_than_sites_is_refused():
+    result = run_job("--n_clients", "2", "--min_clients", "3", timeout=120)
+    assert result.returncode == 2
+    assert "error: --min_clients 3 is more than --n_clients 2" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_missing_batch_file_is_named_before_anything_starts(synthetic_root, tmp_path):
     root = tmp_path / "data"
     shutil.copytree(synthetic_root, root)
