@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from results import back_to_chance, diagnose, failure_phase, worst_dip
+from results import back_to_chance, diagnose, dropouts, failure_phase, worst_dip
 
 ROOT_CAUSE = """2026-11-27 05:45:39,772 - ExternalProcessBackend - INFO - Root Cause (first observed failure):
 2026-11-27 05:45:39,772 - ExternalProcessBackend - INFO - [0]:
@@ -53,3 +53,14 @@ def test_a_loss_back_near_chance_after_learning_is_a_collapse():
     assert back_to_chance([2.30, 2.29, 2.26, 2.16, 1.41, 2.59, 1.99])  # the old defaults, small preset, seed 1
     assert not back_to_chance([2.30, 2.29, 2.28, 2.27, 2.25, 2.10])  # slow, but never learned and lost it
     assert not back_to_chance([2.30, 1.60, 1.45, 1.70, 0.90])  # a rise, but nowhere near chance
+
+
+def test_a_site_missing_from_every_later_round_dropped_out():
+    rounds = [
+        {"round": 0, "sites": [{"name": "site-1"}, {"name": "site-2"}, {"name": "site-3"}]},
+        {"round": 1, "sites": [{"name": "site-1"}, {"name": "site-2"}]},
+        {"round": 2, "sites": [{"name": "site-1"}, {"name": "site-2"}]},
+    ]
+    assert dropouts(rounds, ["site-1", "site-2", "site-3"]) == {"site-3": 1}
+    assert dropouts(rounds[:1], ["site-1", "site-2", "site-3"]) == {}
+    assert dropouts(rounds[1:], ["site-1", "site-2", "site-3"]) == {"site-3": 1}  # gone from the first round on
