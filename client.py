@@ -105,15 +105,10 @@ def inject_fault(site: str, phase: str) -> None:
     `start` (before the handshake), a round number (when that round's task arrives) or `eval` (the final
     evaluation). KIND is kill (SIGKILL this rank), raise (an exception), stop (SIGSTOP this rank: it hangs)
     or kill_torchrun (SIGKILL the site's torchrun). Several faults: comma-separated."""
-    specs = [spec.split(":") for spec in os.environ.get("DDP_EXAMPLE_FAULT", "").split(",") if spec]
-    kinds = [
-        kind
-        for f_site, f_rank, f_phase, kind in specs
-        if (f_site, int(f_rank), f_phase) == (site, dist.get_rank(), phase)
-    ]
-    if not kinds:
+    faults = [spec.split(":") for spec in os.environ.get("DDP_EXAMPLE_FAULT", "").split(",") if spec]
+    kind = next((k for s, r, p, k in faults if (s, int(r), p) == (site, dist.get_rank(), phase)), None)
+    if kind is None:
         return
-    kind = kinds[0]
     print(f"{site} rank {dist.get_rank()}: injecting fault '{kind}' at {phase}", flush=True)
     if kind == "raise":
         raise RuntimeError("injected fault")

@@ -106,15 +106,24 @@ def assert_clean(workspace: str) -> None:
     assert processes_of(workspace) == []
 
 
-@pytest.fixture(scope="session")
-def synthetic_root(tmp_path_factory) -> str:
-    """A data root holding the synthetic stand-in, written by the real prepare_data.sh."""
+def prepared_root(tmp_path_factory, flag: str) -> str:
+    """A data root holding a synthetic stand-in, written by the real `prepare_data.sh FLAG`."""
     root = str(tmp_path_factory.mktemp("data"))
     subprocess.run(
-        ["bash", os.path.join(ROOT, "prepare_data.sh"), "--synthetic"],
+        ["bash", os.path.join(ROOT, "prepare_data.sh"), flag],
         env=venv_env(DATA_ROOT=root),
         check=True,
         capture_output=True,
         timeout=300,
     )
     return root
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> str:
+    return prepared_root(tmp_path_factory, "--synthetic")
+
+
+@pytest.fixture(scope="session")
+def small_root(tmp_path_factory) -> str:
+    return prepared_root(tmp_path_factory, "--synthetic-small")

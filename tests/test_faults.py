@@ -129,16 +129,21 @@ def test_signal_to_job_py_ends_every_process_it_started(signum, phase, wait_for,
 MIN_CLIENTS_RUN = ["--n_clients", "3", "--nproc_per_node", "1", "--min_clients", "2", "--master_port", "7830"]
 
 
+def run_min_clients_job(data_root: str, workspace: str, rounds: int, fault: str) -> subprocess.CompletedProcess:
+    """3 sites x 1 rank, --min_clients 2, with DDP_EXAMPLE_FAULT=fault."""
+    return run_job(
+        "--num_rounds", str(rounds), *MIN_CLIENTS_RUN, "--data_root", data_root, "--workspace", workspace,
+        timeout=300, DDP_EXAMPLE_FAULT=fault, OMP_NUM_THREADS="1",
+    )  # fmt: skip
+
+
 def site_lists(workspace: str) -> list[list[str]]:
     return [sorted(s["name"] for s in r["sites"]) for r in round_metrics(workspace)]
 
 
 def test_with_min_clients_a_failed_site_drops_out_and_the_others_finish(synthetic_root, tmp_path):
     workspace = str(tmp_path)
-    result = run_job(
-        "--num_rounds", "3", *MIN_CLIENTS_RUN, "--data_root", synthetic_root, "--workspace", workspace,
-        timeout=300, DDP_EXAMPLE_FAULT="site-3:0:1:kill", OMP_NUM_THREADS="1",
-    )  # fmt: skip
+    result = run_min_clients_job(synthetic_root, workspace, 3, "site-3:0:1:kill")
 
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert (
@@ -153,10 +158,7 @@ def test_with_min_clients_a_failed_site_drops_out_and_the_others_finish(syntheti
 
 def test_below_min_clients_the_job_ends_naming_the_sites_it_lost(synthetic_root, tmp_path):
     workspace = str(tmp_path)
-    result = run_job(
-        "--num_rounds", "3", *MIN_CLIENTS_RUN, "--data_root", synthetic_root, "--workspace", workspace,
-        timeout=300, DDP_EXAMPLE_FAULT="site-2:0:1:raise,site-3:0:1:kill", OMP_NUM_THREADS="1",
-    )  # fmt: skip
+    result = run_min_clients_job(synthetic_root, workspace, 3, "site-2:0:1:raise,site-3:0:1:kill")
 
     assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
     assert (
@@ -176,10 +178,7 @@ def test_with_min_clients_a_failure_outside_the_rounds_still_ends_the_job(
     # Before its handshake a site can't drop out (the server is never told it ended), and after the rounds the
     # final model would lack its score: both end the job, as without --min_clients.
     workspace = str(tmp_path)
-    result = run_job(
-        "--num_rounds", "2", *MIN_CLIENTS_RUN, "--data_root", synthetic_root, "--workspace", workspace,
-        timeout=300, DDP_EXAMPLE_FAULT=f"site-3:0:{phase}:kill", OMP_NUM_THREADS="1",
-    )  # fmt: skip
+    result = run_min_clients_job(synthetic_root, workspace, 2, f"site-3:0:{phase}:kill")
 
     assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"ERROR: the job stopped {said}: site-3 rank 0 failed (exit code -9 (SIGKILL)). Logs: " in result.stderr

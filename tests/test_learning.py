@@ -3,26 +3,11 @@ hardest setting of README's "Choosing the defaults" (3 sites with skewed labels)
 both presets with 2 and 3 sites, is benchmarks/bench.py item 4 (benchmarks/BENCHMARKS.md)."""
 
 import os
-import subprocess
 
 import pytest
 
-from conftest import ROOT, run_job, venv_env
+from conftest import run_job
 from results import JOB_NAME, back_to_chance, learning_curve, worst_dip
-
-
-@pytest.fixture(scope="module")
-def small_root(tmp_path_factory) -> str:
-    """A data root holding the small synthetic preset, written by the real prepare_data.sh."""
-    root = str(tmp_path_factory.mktemp("small"))
-    subprocess.run(
-        ["bash", os.path.join(ROOT, "prepare_data.sh"), "--synthetic-small"],
-        env=venv_env(DATA_ROOT=root),
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
-    return root
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
