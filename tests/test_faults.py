@@ -125,7 +125,6 @@ def test_signal_to_job_py_ends_every_process_it_started(signum, phase, wait_for,
     assert stderr.strip().splitlines()[-1].startswith("ERROR: the job was stopped"), stderr[-3000:]
 
 
-# 3 sites x 1 rank share this machine's cores: one thread each (torchrun sets that only for 2+ ranks).
 MIN_CLIENTS_RUN = ["--n_clients", "3", "--nproc_per_node", "1", "--min_clients", "2", "--master_port", "7830"]
 
 
@@ -133,7 +132,7 @@ def run_min_clients_job(data_root: str, workspace: str, rounds: int, fault: str)
     """3 sites x 1 rank, --min_clients 2, with DDP_EXAMPLE_FAULT=fault."""
     return run_job(
         "--num_rounds", str(rounds), *MIN_CLIENTS_RUN, "--data_root", data_root, "--workspace", workspace,
-        timeout=300, DDP_EXAMPLE_FAULT=fault, OMP_NUM_THREADS="1",
+        timeout=300, DDP_EXAMPLE_FAULT=fault,
     )  # fmt: skip
 
 

@@ -172,6 +172,14 @@ def test_bad_arguments_get_a_one_line_usage_error(bad):
     assert "error: argument " + bad[0] in result.stderr and "Traceback" not in result.stderr
 
 
+def test_ranks_of_a_local_run_share_the_cores():
+    from job import threads_per_rank
+
+    assert threads_per_rank(n_clients=3, nproc_per_node=1, cpus=2) == 1  # 3 single-rank sites on 2 cores
+    assert threads_per_rank(n_clients=2, nproc_per_node=1, cpus=16) == 8
+    assert threads_per_rank(n_clients=2, nproc_per_node=2, cpus=2) == 1  # what torchrun sets for 2+ ranks anyway
+
+
 def test_more_min_clients_than_sites_is_refused():
     result = run_job("--n_clients", "2", "--min_clients", "3", timeout=120)
     assert result.returncode == 2
