@@ -302,7 +302,7 @@ def run_on_system(recipe, args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 2
-        env = PocEnv(clients=sites)
+        env = PocEnv(num_clients=len(sites), clients=sites)
     else:
         env = ProdEnv(startup_kit_location=args.startup_kit)
     run = result = status = stopped = None

@@ -88,6 +88,22 @@ def test_env_poc_start_up_fault_ends_the_job_naming_the_site(synthetic_root, tmp
     assert processes_left(POC_WORKSPACE) == []
 
 
+def test_env_poc_with_min_clients_goes_on_without_a_failed_site(synthetic_root, tmp_path):
+    assert not os.path.exists(POC_WORKSPACE), "a POC workspace exists already; this test would delete it"
+    result = run_job(
+        "--env", "poc", "--n_clients", "3", "--nproc_per_node", "1", "--min_clients", "2", "--num_rounds", "3",
+        "--data_root", synthetic_root, "--workspace", str(tmp_path), timeout=600, DDP_EXAMPLE_FAULT="site-3:0:1:kill",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "ended with status FINISHED:COMPLETED" in result.stdout
+    assert "site-3 dropped out in round 1 (site-3 rank 0 failed (exit code -9 (SIGKILL)))" in result.stdout
+    (result_dir,) = [os.path.join(tmp_path, JOB_NAME, d) for d in os.listdir(tmp_path / JOB_NAME)]
+    with open(os.path.join(result_dir, "workspace", "metrics", "round_metrics.jsonl")) as f:
+        assert [len(json.loads(line)["sites"]) for line in f] == [3, 2, 2]
+    assert not os.path.exists(POC_WORKSPACE)
+    assert processes_left(POC_WORKSPACE) == []
+
+
 def test_sigterm_to_job_py_ends_its_poc_and_keeps_the_job(synthetic_root, tmp_path):
     assert not os.path.exists(POC_WORKSPACE), "a POC workspace exists already; this test would delete it"
     job = subprocess.Popen(
