@@ -6,8 +6,6 @@ from nvflare.apis.shareable import ReturnCode
 from nvflare.app_common.workflows.cross_site_model_eval import CrossSiteModelEval
 from nvflare.app_common.workflows.fedavg import FedAvg
 
-# The server's log line when a site drops out.
-DROPPED = "dropped out of the federation"
 # What TolerantFedAvg leaves for the final evaluation: the names of the sites that dropped out.
 DROPPED_SITES = "ddp_example_dropped_sites"
 
@@ -25,7 +23,7 @@ class TolerantFedAvg(FedAvg):
         # ignore_result_error: a failed result is dropped here instead of ending the job (see below).
         super().__init__(*args, ignore_result_error=ignore_result_error, **kwargs)
         self.min_clients = min_clients
-        self.dropped: dict[str, int] = {}  # site -> the round in which it dropped out
+        self.dropped: set[str] = set()  # sites whose task failed; the summary reads the round from the metrics
 
     def sample_clients(self, num_clients: int | None = None) -> list[str]:
         return [site for site in super().sample_clients() if site not in self.dropped]
@@ -34,8 +32,10 @@ class TolerantFedAvg(FedAvg):
         accepted = super()._accept_train_result(client_name, result, fl_ctx, is_unknown_task)
         rc = result.get_return_code()
         if not accepted and rc not in (None, ReturnCode.OK) and client_name not in self.dropped:
-            self.dropped[client_name] = self.current_round
-            self.warning(f"{client_name} {DROPPED} in round {self.current_round} (its task returned {rc})")
+            self.dropped.add(client_name)
+            self.warning(
+                f"{client_name} dropped out of the federation in round {self.current_round} (its task returned {rc})"
+            )
             fl_ctx.set_prop(DROPPED_SITES, sorted(self.dropped), private=True, sticky=True)
         return accepted
 
