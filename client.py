@@ -188,8 +188,10 @@ def run_site(args, device: torch.device) -> None:
     control = dist.new_group(backend="gloo", timeout=TASK_WAIT)
     inject_fault(args.site, "start")
 
-    # (1) init: only rank 0 talks to the server.
-    flare.init(rank=rank)
+    # (1) init: only global rank 0 talks to the server. The other ranks, on this node or on other nodes of the
+    # site, never touch NVFlare: they get every task from rank 0 through broadcast_task.
+    if rank == 0:
+        flare.init(rank=rank)
     writer = SummaryWriter() if args.use_tracking and rank == 0 else None
     histogram_logged = False
 
@@ -308,14 +310,19 @@ def main() -> NoReturn:
         leave(1, rank_line(args.site, rank, STOPPING, str(e)))
     except Exception as e:
         traceback.print_exc()
-        stalled = PEER_STALLED in str(e)
-        why = f"a peer rank did not answer within --stall_timeout {args.stall_timeout:g} s: it is stuck or stopped"
-        print(rank_line(args.site, rank, ERROR, why if stalled else f"{type(e).__name__}: {e}"), file=sys.stderr)
+        stalled, lost = PEER_STALLED in str(e), any(sign in str(e) for sign in PEER_LOST)
+        why = f"{type(e).__name__}: {e}"
+        if stalled:
+            why = f"a peer rank did not answer within --stall_timeout {args.stall_timeout:g} s: it is stuck or stopped"
+        elif lost and dist.get_world_size() > local_world_size:
+            # This node's torchrun names a rank of its own that failed; one on another node reports over there.
+            why = f"a peer rank went away ({why}); if no rank of this node failed, see the other nodes' output"
+        print(rank_line(args.site, rank, ERROR, why), file=sys.stderr)
         sys.stderr.flush()
         if stalled and "TORCHELASTIC_RUN_ID" in os.environ:
             # torchrun would wait 30 s for a stopped rank to obey SIGTERM, twice; its end kills every rank now.
             os.kill(os.getppid(), signal.SIGKILL)
-        if any(sign in str(e) for sign in PEER_LOST):
+        if lost:
             # Another rank died first: give torchrun a moment to see that one and name it as the cause.
             time.sleep(5)
         leave(1)

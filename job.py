@@ -14,6 +14,7 @@ import time
 # Importing nvflare.recipe takes NVFlare's own --export / --export-dir out of sys.argv; note them first.
 NVFLARE_EXPORT = "--export" in sys.argv[1:]
 
+from nvflare.apis.job_def import JobMetaKey
 from nvflare.app_common.workflows.cross_site_model_eval import CrossSiteModelEval
 from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
 from nvflare.recipe import (
@@ -23,6 +24,7 @@ from nvflare.recipe import (
     add_experiment_tracking,
     add_final_global_evaluation,
     set_per_site_config,
+    set_recipe_meta,
 )
 from nvflare.tool.poc.poc_commands import get_poc_workspace
 
@@ -59,9 +61,22 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="the fewest sites a round may average. Below --n_clients, a site whose training fails drops out and "
         "the others go on; by default every site is needed, and any failure ends the job",
     )
-    p.add_argument("--nproc_per_node", type=positive_int, default=2, help="DDP ranks (GPUs) per site")
+    p.add_argument("--nproc_per_node", type=positive_int, help="DDP ranks (GPUs) per site (default: 2)")
     p.add_argument(
-        "--master_port", type=port, default=7777, help="torchrun master port of site-1; site-N uses master_port + N - 1"
+        "--master_port",
+        type=port,
+        help="torchrun master port of site-1; site-N uses master_port + N - 1 (default: 7777)",
+    )
+    p.add_argument(
+        "--slurm_nodes",
+        type=positive_int,
+        help="nodes of every site, for NVFlare's Slurm job launcher (with --slurm_gpus_per_node): each site's "
+        "command becomes nvflare.app_opt.pt.torchrun_node, and the job asks each site for this many nodes",
+    )
+    p.add_argument(
+        "--slurm_gpus_per_node",
+        type=positive_int,
+        help="GPUs, and so DDP ranks, on each node of a site (with --slurm_nodes)",
     )
     add_training_flags(p)
     p.add_argument(
@@ -84,6 +99,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="simulator workspace root; --env poc copies the job's result under it",
     )
     args = p.parse_args(argv)
+    if (args.slurm_nodes is None) != (args.slurm_gpus_per_node is None):
+        p.error("--slurm_nodes and --slurm_gpus_per_node go together: give both, or neither for single-node sites")
+    if args.slurm_nodes is not None:
+        if args.nproc_per_node is not None or args.master_port is not None:
+            p.error(
+                "--nproc_per_node and --master_port are for single-node sites; with --slurm_nodes every node runs "
+                "--slurm_gpus_per_node ranks, and torchrun_node picks the ports"
+            )
+        args.nproc_per_node = args.slurm_gpus_per_node  # ranks on each node
+    else:
+        args.nproc_per_node = args.nproc_per_node or 2
+        args.master_port = args.master_port or 7777
     if args.min_clients is None:
         args.min_clients = args.n_clients
     if args.min_clients > args.n_clients:
@@ -99,8 +126,12 @@ def site_names(n_clients: int) -> list[str]:
     return [f"site-{i}" for i in range(1, n_clients + 1)]
 
 
-def site_command(nproc_per_node: int, master_port: int) -> str:
+def site_command(nproc_per_node: int, master_port: int | None) -> str:
+    """How a site starts its ranks: torchrun on one node, or, with no master_port (--slurm_nodes), NVFlare's
+    torchrun_node, which joins the nodes that NVFlare's Slurm job launcher names in the NVFL_* variables."""
     # `python3` from the site's PATH: no path of this machine ends up in the job.
+    if master_port is None:
+        return f"python3 -u -m nvflare.app_opt.pt.torchrun_node --nproc-per-node={nproc_per_node}"
     # --log-dir=/dev/null: otherwise torchrun leaves an empty /tmp/torchelastic_* folder on every run.
     return (
         f"python3 -u -m torch.distributed.run --nnodes=1 --nproc_per_node={nproc_per_node} "
@@ -162,12 +193,17 @@ def build_recipe(args: argparse.Namespace):
         recipe,
         {
             site: {
-                "command": site_command(args.nproc_per_node, args.master_port + i),
+                "command": site_command(args.nproc_per_node, args.master_port and args.master_port + i),
                 "train_args": f"{train_args(args)} --site {site} --sites {','.join(sites)}",
             }
             for i, site in enumerate(sites)
         },
     )
+    if args.slurm_nodes:
+        # Read when the client apps are made (below, at the first client file): each site's command is copied
+        # into its block as the additional_node_command, which NVFlare's Slurm launcher runs on nodes 1..N-1.
+        slurm = {"nodes": args.slurm_nodes, "gpus_per_node": args.slurm_gpus_per_node}
+        set_recipe_meta(recipe, JobMetaKey.JOB_LAUNCHER_SPEC, {site: {"slurm": dict(slurm)} for site in sites})
     recipe.add_server_config({
         # A site that sent its result asks for the next task after this many seconds (NVFlare's default: 2).
         "server": {"task_request_interval": 0.1},
@@ -213,7 +249,7 @@ def preflight(args: argparse.Namespace) -> str | None:
         batch_paths(args.data_root)
     except DataError as e:
         return str(e)
-    for i, site in enumerate(site_names(args.n_clients)):
+    for i, site in enumerate(site_names(args.n_clients) if args.master_port else []):
         if port_in_use(args.master_port + i):
             return (
                 f"port {args.master_port + i} ({site}'s torchrun master port) is in use; "
@@ -260,6 +296,8 @@ def main() -> int:
     if args.env != "prod":  # every site's ranks share this machine's cores; a user's own setting wins
         cpus = len(os.sched_getaffinity(0))
         os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_rank(args.n_clients, args.nproc_per_node, cpus)))
+        # torchrun_node (--slurm_nodes) has no --log-dir; this keeps torchrun from leaving a /tmp/torchelastic_*.
+        os.environ.setdefault("PET_LOG_DIR", "/dev/null")
     if args.env == "sim":
         return run_in_simulator(recipe, args)
     return run_on_system(recipe, args)

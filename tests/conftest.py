@@ -1,5 +1,7 @@
+import contextlib
 import glob
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -13,6 +15,10 @@ sys.path.insert(0, ROOT)
 from results import JOB_NAME, log_times, metric, read_rounds  # noqa: E402
 
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
+NVFLARE = os.path.join(os.path.dirname(sys.executable), "nvflare")
+POC_WORKSPACE = "/tmp/nvflare/poc"
+POC_PROJECT = os.path.join(POC_WORKSPACE, "example_project", "prod_00")  # a folder per participant
+ADMIN_KIT = os.path.join(POC_PROJECT, "admin@nvidia.com")
 
 
 def venv_env(gpus: bool = False, **extra) -> dict:
@@ -38,6 +44,40 @@ def run_job(*args, timeout=600, gpus=False, **env) -> subprocess.CompletedProces
         text=True,
         timeout=timeout,
     )
+
+
+def nvflare(*args, timeout=300, cwd=None, **env) -> subprocess.CompletedProcess:
+    """The real `nvflare ARGS` CLI."""
+    return subprocess.run(
+        [NVFLARE, *args], env=venv_env(**env), cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@contextlib.contextmanager
+def poc_system(log_dir, env_of: dict[str, dict] | None = None):
+    """A POC system of a server and site-1, site-2, started with the CLI as a user would: each participant with
+    `nvflare poc start -p NAME` and its own environment (env_of[NAME], if any). Stopped and cleaned whatever
+    happens; yields the admin's startup kit."""
+    assert not os.path.exists(POC_WORKSPACE), "a POC workspace exists already; refusing to touch it"
+    prepared = nvflare("poc", "prepare", "-n", "2", "--force", cwd=log_dir, timeout=120)
+    assert prepared.returncode == 0, prepared.stderr
+    try:
+        for name in ("server", "site-1", "site-2"):
+            started = nvflare("poc", "start", "-p", name, cwd=log_dir, timeout=120, **(env_of or {}).get(name, {}))
+            assert started.returncode == 0, started.stdout + started.stderr
+        deadline = time.monotonic() + 120
+        while nvflare("job", "list", "--startup-kit", ADMIN_KIT, timeout=60).returncode != 0:
+            assert time.monotonic() < deadline, "the POC server did not come up within 120 s"
+            time.sleep(3)
+        yield ADMIN_KIT
+    finally:
+        nvflare("poc", "stop", cwd=log_dir, timeout=120)
+        left = processes_left(POC_WORKSPACE)
+        for line in left:  # do not leave them running for the next test, whatever it asserts
+            os.kill(int(line.split(":")[0]), signal.SIGKILL)
+        cleaned = nvflare("poc", "clean", cwd=log_dir, timeout=60)
+    assert left == [], "POC processes outlived `nvflare poc stop`"
+    assert not os.path.exists(POC_WORKSPACE), cleaned.stdout + cleaned.stderr
 
 
 def processes_of(path: str) -> list[str]:

@@ -14,6 +14,8 @@ from model import Net
 
 def test_nccl_on_own_gpu_when_every_rank_has_one():
     assert choose_backend(gpus=4, local_rank=2, local_world_size=4) == ("nccl", torch.device("cuda", 2), None)
+    # A site on 2 nodes of 8 GPUs: global rank 11 is local rank 3 on the second node, and takes that node's GPU 3.
+    assert choose_backend(gpus=8, local_rank=3, local_world_size=8) == ("nccl", torch.device("cuda", 3), None)
 
 
 def test_gloo_on_cpu_without_gpus():

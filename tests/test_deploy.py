@@ -11,17 +11,20 @@ import time
 
 import pytest
 
-from conftest import ROOT, processes_left, processes_of, run_job, venv_env, wait_for_log_lines
+from conftest import (
+    POC_PROJECT,
+    POC_WORKSPACE,
+    ROOT,
+    nvflare,
+    poc_system,
+    processes_left,
+    processes_of,
+    run_job,
+    venv_env,
+    wait_for_log_lines,
+)
 from model import load_global_model
 from results import JOB_NAME, log_times
-
-NVFLARE = os.path.join(os.path.dirname(sys.executable), "nvflare")
-POC_WORKSPACE = "/tmp/nvflare/poc"
-ADMIN_KIT = os.path.join(POC_WORKSPACE, "example_project", "prod_00", "admin@nvidia.com")
-
-
-def nvflare(*args, timeout=300, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([NVFLARE, *args], env=venv_env(), cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
 def export_job(synthetic_root: str, folder) -> str:
@@ -112,7 +115,7 @@ def test_sigterm_to_job_py_ends_its_poc_and_keeps_the_job(synthetic_root, tmp_pa
         cwd=ROOT, env=venv_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        server_logs = os.path.join(POC_WORKSPACE, "example_project", "prod_00", "server", "*", "log.txt")
+        server_logs = os.path.join(POC_PROJECT, "server", "*", "log.txt")
         wait_for_log_lines(server_logs, "Sending task train", 2, timeout=300)  # round 1 has started
         sent = time.monotonic()
         job.send_signal(signal.SIGTERM)
@@ -132,37 +135,8 @@ def test_sigterm_to_job_py_ends_its_poc_and_keeps_the_job(synthetic_root, tmp_pa
 
 @pytest.fixture(scope="module")
 def poc(tmp_path_factory):
-    """A POC system started with the CLI, as a user would; stopped and cleaned whatever happens."""
-    assert not os.path.exists(POC_WORKSPACE), "a POC workspace exists already; refusing to touch it"
-    log_dir = tmp_path_factory.mktemp("poc")
-    prepared = nvflare("poc", "prepare", "-n", "2", "--force", cwd=log_dir, timeout=120)
-    assert prepared.returncode == 0, prepared.stderr
-    with open(log_dir / "poc_start.log", "w") as log:
-        # `nvflare poc start` stays in the foreground: run it beside the tests.
-        starter = subprocess.Popen(
-            [NVFLARE, "poc", "start"],
-            env=venv_env(),
-            cwd=log_dir,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + 120
-        while nvflare("job", "list", "--startup-kit", ADMIN_KIT, timeout=60).returncode != 0:
-            assert time.monotonic() < deadline, "the POC server did not come up within 120 s"
-            time.sleep(3)
-        yield ADMIN_KIT
-    finally:
-        nvflare("poc", "stop", cwd=log_dir, timeout=120)
-        try:
-            starter.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(starter.pid, signal.SIGKILL)
-        left = processes_left(POC_WORKSPACE)
-        cleaned = nvflare("poc", "clean", cwd=log_dir, timeout=60)
-    assert left == [], "POC processes outlived `nvflare poc stop`"
-    assert not os.path.exists(POC_WORKSPACE), cleaned.stdout + cleaned.stderr
+    with poc_system(tmp_path_factory.mktemp("poc")) as admin_kit:
+        yield admin_kit
 
 
 def test_exported_job_completes_on_poc_through_the_cli(poc, synthetic_root, tmp_path):

@@ -134,7 +134,9 @@ def test_export_config_writes_one_app_per_site_with_its_own_port():
     job_dir = f"/tmp/nvflare/jobs/job_config/{JOB_NAME}"
     assert job_dir in result.stdout
     with open(os.path.join(job_dir, "meta.json")) as f:
-        deploy_map = json.load(f)["deploy_map"]
+        meta = json.load(f)
+    deploy_map = meta["deploy_map"]
+    assert "launcher_spec" not in meta  # that is for sites on several nodes (--slurm_nodes)
     ports = set()
     for site in ("site-1", "site-2"):
         config = glob.glob(os.path.join(job_dir, "**", f"*{site}*", "config", "config_fed_client.json"), recursive=True)

@@ -1,0 +1,199 @@
+"""A site on several nodes (--slurm_nodes): the exported job as NVFlare's server and Slurm launcher read it, and
+a 2-node site on loopback.
+
+On loopback, site-1 of a POC runs as 2 "nodes" of 1 gloo rank each. Its client is started with node 0's share
+of the environment that NVFlare's Slurm job launcher gives a node group (NVFL_NNODES, NVFL_NODE_RANK, ...), so
+the trainer NVFlare launches for it is node 0. The test starts node 1 itself, the way the launcher's node script
+would on another host: the job's additional_node_command, in the site's app folder, with node 1's environment.
+site-2 has no such environment: the same torchrun_node command runs it as one standalone node."""
+
+import glob
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from zipfile import ZipFile
+
+import pytest
+from nvflare.client.api_spec import CLIENT_API_TYPE_KEY
+from nvflare.client.cell.bootstrap import BOOTSTRAP_FILE_ENV_VAR, CELL_API_TYPE, bootstrap_file_name
+from nvflare.private.fed.server.job_meta_validator import JobMetaValidator
+
+from conftest import POC_PROJECT, ROOT, assert_learns, nvflare, poc_system, processes_left, run_job, venv_env
+from data import epoch_batches
+from results import JOB_NAME, read_rounds
+
+NODE_GROUP = {"NVFL_NNODES": "2", "NVFL_MASTER_ADDR": "127.0.0.1", "NVFL_MASTER_PORT": "7870", "NVFL_RUN_ID": "1"}
+# What every POC process gets: one CPU thread a rank (3 ranks share this machine's cores; torchrun sets this only
+# for 2+ ranks a node), and no /tmp/torchelastic_* folder from torchrun_node's torchrun.
+QUIET = {"OMP_NUM_THREADS": "1", "PET_LOG_DIR": "/dev/null"}
+SLURM_FLAGS = ["--slurm_nodes", "2", "--slurm_gpus_per_node", "1"]
+ROUNDS = 3
+
+
+def exported_meta(tmp_path, *flags) -> tuple[str, dict]:
+    result = run_job("--export", "--export-dir", str(tmp_path), "--data_root", "/data", *flags, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    job_dir = os.path.join(tmp_path, JOB_NAME)
+    with open(os.path.join(job_dir, "meta.json")) as f:
+        return job_dir, json.load(f)
+
+
+def site_command(job_dir: str, site: str) -> list[str]:
+    """The trainer command in a site's exported config."""
+    with open(os.path.join(job_dir, f"app_{site}", "config", "config_fed_client.json")) as f:
+        (executor,) = json.load(f)["executors"]
+    return executor["executor"]["args"]["command"]
+
+
+def test_export_carries_a_launcher_block_that_nvflare_accepts(tmp_path):
+    job_dir, meta = exported_meta(tmp_path, "--slurm_nodes", "2", "--slurm_gpus_per_node", "8")
+    for site in ("site-1", "site-2"):
+        command = site_command(job_dir, site)
+        assert command[:6] == ["python3", "-u", "-m", "nvflare.app_opt.pt.torchrun_node", "--nproc-per-node=8",
+                               "custom/client.py"]  # fmt: skip
+        assert command[command.index("--site") + 1] == site
+        block = meta["launcher_spec"][site]["slurm"]
+        # Nodes 1..N-1 run the same command as the trainer NVFlare launches on node 0.
+        assert block == {"nodes": 2, "gpus_per_node": 8, "additional_node_command": shlex.join(command)}
+    # What the server runs on `nvflare job submit`: the job folder, zipped, through NVFlare's job-meta validator.
+    archive = tmp_path / "job.zip"
+    with ZipFile(archive, "w") as zf:
+        for path in glob.glob(os.path.join(job_dir, "**"), recursive=True):
+            zf.write(path, os.path.relpath(path, tmp_path))
+    valid, error, _ = JobMetaValidator().validate(JOB_NAME, str(archive))
+    assert valid, error
+
+
+@pytest.mark.parametrize(
+    "flags, says",
+    [
+        (["--slurm_nodes", "2"], "--slurm_nodes and --slurm_gpus_per_node go together"),
+        (["--slurm_gpus_per_node", "8"], "--slurm_nodes and --slurm_gpus_per_node go together"),
+        ([*SLURM_FLAGS, "--nproc_per_node", "4"], "--nproc_per_node and --master_port are for single-node sites"),
+        ([*SLURM_FLAGS, "--master_port", "8000"], "--nproc_per_node and --master_port are for single-node sites"),
+        (["--slurm_nodes", "0", "--slurm_gpus_per_node", "8"], "argument --slurm_nodes: must be at least 1"),
+    ],
+)
+def test_slurm_flags_that_do_not_fit_get_a_usage_error(flags, says, capsys):
+    from job import parse_args
+
+    with pytest.raises(SystemExit) as e:
+        parse_args(flags)
+    assert e.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_with_slurm_flags_each_node_runs_gpus_per_node_ranks():
+    from job import parse_args
+
+    args = parse_args(["--slurm_nodes", "2", "--slurm_gpus_per_node", "8"])
+    assert (args.nproc_per_node, args.master_port) == (8, None)
+
+
+@pytest.fixture(scope="module")
+def poc(tmp_path_factory):
+    """A POC whose site-1 is node 0 of a 2-node group."""
+    env_of = {"server": QUIET, "site-1": {**QUIET, **NODE_GROUP, "NVFL_NODE_RANK": "0"}, "site-2": QUIET}
+    with poc_system(tmp_path_factory.mktemp("poc"), env_of) as admin_kit:
+        yield admin_kit
+
+
+def wait_for_new_job(site: str, known: set[str], job: subprocess.Popen, timeout: float = 180) -> str:
+    """The folder of the job that NVFlare deploys to `site` next (one not in `known`), once its app is there."""
+    deadline = time.monotonic() + timeout
+    while True:
+        scripts = glob.glob(os.path.join(POC_PROJECT, site, "*", f"app_{site}", "custom", "client.py"))
+        new = [str(Path(script).parents[2]) for script in scripts if str(Path(script).parents[2]) not in known]
+        if new:
+            return new[0]
+        assert job.poll() is None, f"job.py ended before the job reached {site}"
+        assert time.monotonic() < deadline, f"no job reached {site} within {timeout} s"
+        time.sleep(0.5)
+
+
+def run_two_node_job(admin_kit: str, data_root: str, tmp_path, **node_1_env) -> dict:
+    """`job.py --env prod --slurm_nodes 2 ...` against the POC, with site-1's node 1 started as NVFlare's Slurm
+    node script starts it. Returns job.py's and node 1's exit codes and output, and site-1's job folder."""
+    known = {os.path.dirname(p) for p in glob.glob(os.path.join(POC_PROJECT, "site-1", "*", "meta.json"))}
+    out, err, node_log = (open(tmp_path / name, "w+") for name in ("job.out", "job.err", "node1.log"))
+    job = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "job.py"), "--env", "prod", "--startup_kit", admin_kit, *SLURM_FLAGS,
+         "--num_rounds", str(ROUNDS), "--data_root", data_root, "--workspace", str(tmp_path)],
+        cwd=ROOT, env=venv_env(), stdout=out, stderr=err,
+    )  # fmt: skip
+    node_1 = job_dir = None
+    try:
+        job_dir = wait_for_new_job("site-1", known, job)
+        with open(os.path.join(job_dir, "meta.json")) as f:  # the job's metadata as the site received it
+            command = json.load(f)["launcher_spec"]["site-1"]["slurm"]["additional_node_command"]
+        node_env = {
+            **QUIET,
+            **NODE_GROUP,
+            "NVFL_NODE_RANK": "1",
+            CLIENT_API_TYPE_KEY: CELL_API_TYPE,
+            BOOTSTRAP_FILE_ENV_VAR: bootstrap_file_name(1),
+            **node_1_env,
+        }
+        node_1 = subprocess.Popen(
+            shlex.split(command), cwd=os.path.join(job_dir, "app_site-1"), env=venv_env(**node_env),
+            stdout=node_log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        job.wait(timeout=600)
+        node_1.wait(timeout=60)
+    finally:
+        if job.poll() is None and job_dir:  # the test failed first: end the job, or the POC's stop fails on it
+            nvflare("job", "abort", os.path.basename(job_dir), "--force", "--startup-kit", admin_kit, timeout=120)
+        for process in (job, node_1):
+            if process and process.poll() is None:  # ... and leave nothing running
+                process.kill()
+                process.wait()
+    run = {"job_dir": job_dir, "code": job.returncode, "node_1_code": node_1.returncode}
+    for name, f in (("stdout", out), ("stderr", err), ("node_1_log", node_log)):
+        f.seek(0)
+        run[name] = f.read()
+        f.close()
+    return run
+
+
+def site_steps(shard: int, world_size: int, epochs: int = 2, batch_size: int = 64) -> int:
+    """Optimizer steps a site reports for a round: every rank's batches of every local epoch (at the defaults)."""
+    return world_size * epochs * len(epoch_batches(shard, 0, world_size, batch_size, epoch=0, seed=0))
+
+
+def test_a_site_on_two_nodes_trains_over_both(poc, synthetic_root, tmp_path):
+    run = run_two_node_job(poc, synthetic_root, tmp_path)
+    assert run["code"] == 0, run["stdout"][-3000:] + run["stderr"][-3000:]
+    assert "ended with status FINISHED:COMPLETED" in run["stdout"]
+    assert run["node_1_code"] == 0, run["node_1_log"][-3000:]
+    with open(os.path.join(run["job_dir"], "log.txt")) as f:
+        assert "site-1: 2 rank(s), backend gloo on cpu (no CUDA device is visible)" in f.read()
+    result = run["stdout"].split("; result: ")[1].splitlines()[0]
+    rounds = read_rounds(os.path.join(result, "workspace"))
+    assert [r["round"] for r in rounds] == list(range(ROUNDS))
+    for r in rounds:
+        sites = {s["name"]: s for s in r["sites"]}
+        assert sorted(sites) == ["site-1", "site-2"]
+        # The server weighs each site by the steps it reports: site-1's count both nodes' ranks.
+        assert sites["site-1"]["weight"] == site_steps(5000, world_size=2)
+        assert sites["site-2"]["weight"] == site_steps(5000, world_size=1)
+    assert_learns(rounds)
+    assert processes_left(run["job_dir"]) == []
+
+
+def test_node_1_killed_mid_round_ends_the_job(poc, synthetic_root, tmp_path):
+    run = run_two_node_job(poc, synthetic_root, tmp_path, DDP_EXAMPLE_FAULT="site-1:1:1:kill")
+    assert run["code"] == 1, run["stdout"][-3000:] + run["stderr"][-3000:]
+    assert run["node_1_code"] != 0
+    # job.py's summary, as for any rank that fails on a system it submitted to: the round, and the model kept.
+    assert "ERROR: the job stopped in round 1 of 3: a site did not report" in run["stderr"], run["stderr"][-3000:]
+    assert "the global model after round 0 is kept" in run["stderr"]
+    # Node 0's rank 0 says that a peer went away, and where to look: node 1's output, which names the rank.
+    with open(os.path.join(run["job_dir"], "log.txt")) as f:
+        assert "site-1 rank 0: ERROR: a peer rank went away (" in f.read()
+    assert "site-1 rank 1: injecting fault 'kill' at 1" in run["node_1_log"]
+    assert re.search(r"rank\s*: 1 \(local_rank: 0\)\s+exitcode\s*: -9", run["node_1_log"]), run["node_1_log"][-3000:]
+    assert processes_left(run["job_dir"]) == []
