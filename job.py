@@ -415,6 +415,7 @@ def report_stop(run, result: str | None, args: argparse.Namespace, stopped: Stop
             args.num_rounds,
             logs_root=result,
             stopped_by=str(stopped),
+            min_clients=args.min_clients,
         )
     else:
         print(
