@@ -186,13 +186,13 @@ def test_small_alpha_skews_labels_and_keeps_every_site_nonempty():
         assert (skew > 0.4) if skewed else (skew < 0.05)
 
 
-@pytest.mark.parametrize("n", [1000, 1001, 64])
-def test_rank_batches_are_disjoint_cover_the_epoch_and_reshuffle(n):
-    per_rank = [epoch_batches(n, rank, 2, batch_size=32, epoch=0, seed=0) for rank in range(2)]
-    assert len(per_rank[0]) == len(per_rank[1])  # DDP steps in lockstep
+# 16 ranks: a site on 2 nodes of 8 GPUs, whose ranks split every epoch by global rank.
+@pytest.mark.parametrize("n, world", [(1000, 2), (1001, 2), (64, 2), (5000, 16), (5001, 16)])
+def test_rank_batches_are_disjoint_cover_the_epoch_and_reshuffle(n, world):
+    per_rank = [epoch_batches(n, rank, world, batch_size=32, epoch=0, seed=0) for rank in range(world)]
+    assert len({len(batches) for batches in per_rank}) == 1  # DDP steps in lockstep
     assert all(len(b) > 0 for batches in per_rank for b in batches)
     seen = [torch.cat(batches).tolist() for batches in per_rank]
-    assert not set(seen[0]) & set(seen[1])
-    assert sorted(seen[0] + seen[1]) == list(range(n))
-    next_epoch = torch.cat(epoch_batches(n, 0, 2, batch_size=32, epoch=1, seed=0)).tolist()
+    assert sorted(sum(seen, [])) == list(range(n))  # disjoint, and every sample once
+    next_epoch = torch.cat(epoch_batches(n, 0, world, batch_size=32, epoch=1, seed=0)).tolist()
     assert next_epoch != seen[0]
