@@ -152,6 +152,10 @@ def test_with_min_clients_a_failed_site_drops_out_and_the_others_finish(syntheti
     assert site_lists(workspace) == [["site-1", "site-2", "site-3"], ["site-1", "site-2"], ["site-1", "site-2"]]
     assert_learns(round_metrics(workspace))
     assert "final global model: after round 2" in result.stdout
+    with open(os.path.join(workspace, JOB_NAME, "server", "log.txt")) as f:
+        # The final evaluation asks only the sites that are left (LiveSitesEvaluation): NVFlare's own would send
+        # site-3 a validate task too, and log its failure as ERRORs and tracebacks.
+        assert [line for line in f if "peer=site-3" in line and "task_name=validate" in line] == []
     assert processes_of(workspace) == []
 
 
