@@ -164,6 +164,21 @@ def round_lr(lr: float, current_round: int, warmup_rounds: int) -> float:
     return lr * min(1.0, (current_round + 1) / warmup_rounds)
 
 
+def warm_up(ddp: DDP, train_x, train_y, test_x, test_y, args) -> None:
+    """One training step and one evaluation before the first task, so that what a first step costs (CUDA's
+    context and kernels, DDP's first all-reduce and bucket rebuild) is paid during start-up, not in round 0.
+    The weights are put back as they were; the server's replace them at the first task anyway."""
+    saved = {name: tensor.clone() for name, tensor in ddp.module.state_dict().items()}
+    one_batch = args.batch_size * dist.get_world_size()  # one batch a rank
+    train(
+        ddp, train_x[:one_batch], train_y[:one_batch], epochs=1, batch_size=args.batch_size, lr=args.lr,
+        momentum=args.momentum, max_grad_norm=args.max_grad_norm, seed=args.seed, first_epoch=0,
+    )  # fmt: skip
+    evaluate(ddp.module, test_x[:one_batch], test_y[:one_batch])
+    ddp.module.load_state_dict(saved)
+    ddp.module.zero_grad(set_to_none=True)
+
+
 def run_site(args, device: torch.device) -> None:
     """This site's part of the job: load its shard, then answer the server's tasks until it says stop."""
     rank = dist.get_rank()
@@ -186,6 +201,7 @@ def run_site(args, device: torch.device) -> None:
     model = Net().to(device)
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     control = dist.new_group(backend="gloo", timeout=TASK_WAIT)
+    warm_up(ddp, train_x, train_y, test_x, test_y, args)
     inject_fault(args.site, "start")
 
     # (1) init: only global rank 0 talks to the server. The other ranks, on this node or on other nodes of the
