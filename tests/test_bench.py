@@ -26,6 +26,7 @@ def test_quick_bench_prints_every_item(synthetic_root):
     assert re.search(r"^1 data path: .* [\d.]+x faster$", out, re.M)
     assert re.search(r"^2 DDP: .* \(gloo\) .* [\d.]+x the time$", out, re.M)
     assert re.search(r"^3 FL overhead per round .* [\d.]+ s +of [\d.]+ s$", out, re.M)
+    assert re.search(r"^  slowest site's train\+eval: round 0 vs a later round +[\d.]+ s +vs [\d.]+ s$", out, re.M)
     assert re.search(r"^4 original settings vs defaults, 1 seed\(s\), 2 sites, IID, 3 rounds$", out, re.M)
     mean_range = r"0\.\d{3} \[0\.\d{3}-0\.\d{3}\]"
     assert re.search(rf"^  final model accuracy: mean \[min-max\] +{mean_range} +{mean_range}$", out, re.M)
@@ -45,3 +46,15 @@ def test_fast_path_gives_the_original_paths_images_and_labels(synthetic_root):
         image, label = original[i]
         assert label == train_y[i]
         assert torch.allclose(image, normalize(train_x[i]), atol=1e-6)
+
+
+def test_gpu_check_fails_on_any_missed_target():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from gpu_check import verdicts
+
+    met = {"backend": "nccl", "device": "cuda:0", "step_images_per_s": 150_000, "data_ratio": 120.0,
+           "first_compute": 2.4, "steady_compute": 0.5, "job_wall": 24.0}  # fmt: skip
+    assert all(ok for *_, ok in verdicts(met))
+    for key, value in [("backend", "gloo"), ("device", "cpu"), ("step_images_per_s", 119_999), ("data_ratio", 99.9),
+                       ("first_compute", 2.6), ("job_wall", 25.1)]:  # fmt: skip
+        assert [ok for *_, ok in verdicts({**met, key: value})].count(False) == 1, key
