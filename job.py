@@ -46,8 +46,15 @@ def port(text: str) -> int:
     return value
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, but not None: there the help says what leaving the option out does."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--num_rounds", type=positive_int, default=5, help="FedAvg rounds")
     p.add_argument(
         "--export_config",
@@ -61,11 +68,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="the fewest sites a round may average. Below --n_clients, a site whose training fails drops out and "
         "the others go on; by default every site is needed, and any failure ends the job",
     )
-    p.add_argument("--nproc_per_node", type=positive_int, help="DDP ranks (GPUs) per site (default: 2)")
+    p.add_argument("--nproc_per_node", type=positive_int, help="DDP ranks (GPUs) per site; 2 if not given")
     p.add_argument(
         "--master_port",
         type=port,
-        help="torchrun master port of site-1; site-N uses master_port + N - 1 (default: 7777)",
+        help="torchrun master port of site-1; site-N uses master_port + N - 1; 7777 if not given",
     )
     p.add_argument(
         "--slurm_nodes",
