@@ -3,8 +3,8 @@ a 2-node site on loopback.
 
 On loopback, site-1 of a POC runs as 2 "nodes" of 1 gloo rank each. Its client is started with node 0's share
 of the environment that NVFlare's Slurm job launcher gives a node group (NVFL_NNODES, NVFL_NODE_RANK, ...), so
-the trainer NVFlare launches for it is node 0. The test starts node 1 itself, the way the launcher's node script
-would on another host: the job's additional_node_command, in the site's app folder, with node 1's environment.
+the trainer NVFlare launches for it is node 0. The test starts node 1 itself, as srun would on another host:
+NVFlare's own node script, rendered by its Slurm launcher's code from the job's metadata, with SLURM_NODEID=1.
 site-2 has no such environment: the same torchrun_node command runs it as one standalone node."""
 
 import glob
@@ -19,9 +19,12 @@ from pathlib import Path
 from zipfile import ZipFile
 
 import pytest
-from nvflare.client.api_spec import CLIENT_API_TYPE_KEY
-from nvflare.client.cell.bootstrap import BOOTSTRAP_FILE_ENV_VAR, CELL_API_TYPE, bootstrap_file_name
+from nvflare.apis.workspace import Workspace
+from nvflare.app_opt.job_launcher.slurm.batch import _render_node_script
+from nvflare.app_opt.job_launcher.slurm.config import LaunchPlan
+from nvflare.app_opt.job_launcher.slurm.launcher import _resolve_additional_node_command, _resolve_resources
 from nvflare.private.fed.server.job_meta_validator import JobMetaValidator
+from nvflare.utils.job_launcher_utils import get_job_launcher_spec
 
 from conftest import POC_PROJECT, ROOT, assert_learns, nvflare, poc_system, processes_left, run_job, venv_env
 from data import epoch_batches
@@ -115,9 +118,30 @@ def wait_for_new_job(site: str, known: set[str], job: subprocess.Popen, timeout:
         time.sleep(0.5)
 
 
+def node_script(job_dir: str, site: str) -> str:
+    """NVFlare's own script for the nodes of a site's node group, rendered by its Slurm launcher's code (NVFlare
+    2.9's private functions: recheck on an upgrade) from the job's metadata as the site received it. On a node
+    other than 0 it drops the site's credentials, sets the Cell Client API bootstrap, changes to the job's app
+    folder and runs the additional_node_command. Only sbatch and srun are left out."""
+    with open(os.path.join(job_dir, "meta.json")) as f:
+        meta = json.load(f)
+    spec = get_job_launcher_spec(meta, site, "slurm")
+    resources = _resolve_resources(meta, site, "none", 600.0, spec=spec)  # the launcher's checks of the block
+    workspace, job_id = Workspace(os.path.dirname(job_dir), site_name=site), os.path.basename(job_dir)
+    command, app_dir = _resolve_additional_node_command(
+        spec, resources.nodes, workspace, job_id, workspace.get_run_dir(job_id), True
+    )
+    plan = LaunchPlan(
+        job_id=job_id, site_name=site, run_dir=job_dir, exe_module="", module_args=(), resources=resources,
+        directives={}, sandbox="none", image=None, setup="", study_env={}, study_secret_env={}, mounts=(),
+        python_path="", python_env="", forward_env=(), additional_node_command=command, node_app_dir=app_dir,
+    )  # fmt: skip
+    return _render_node_script(plan, None)  # the config is read only for Apptainer
+
+
 def run_two_node_job(admin_kit: str, data_root: str, tmp_path, **node_1_env) -> dict:
-    """`job.py --env prod --slurm_nodes 2 ...` against the POC, with site-1's node 1 started as NVFlare's Slurm
-    node script starts it. Returns job.py's and node 1's exit codes and output, and site-1's job folder."""
+    """`job.py --env prod --slurm_nodes 2 ...` against the POC, with site-1's node 1 started by NVFlare's Slurm
+    node script. Returns job.py's and node 1's exit codes and output, and site-1's job folder."""
     known = {os.path.dirname(p) for p in glob.glob(os.path.join(POC_PROJECT, "site-1", "*", "meta.json"))}
     out, err, node_log = (open(tmp_path / name, "w+") for name in ("job.out", "job.err", "node1.log"))
     job = subprocess.Popen(
@@ -128,19 +152,10 @@ def run_two_node_job(admin_kit: str, data_root: str, tmp_path, **node_1_env) -> 
     node_1 = job_dir = None
     try:
         job_dir = wait_for_new_job("site-1", known, job)
-        with open(os.path.join(job_dir, "meta.json")) as f:  # the job's metadata as the site received it
-            command = json.load(f)["launcher_spec"]["site-1"]["slurm"]["additional_node_command"]
-        node_env = {
-            **QUIET,
-            **NODE_GROUP,
-            "NVFL_NODE_RANK": "1",
-            CLIENT_API_TYPE_KEY: CELL_API_TYPE,
-            BOOTSTRAP_FILE_ENV_VAR: bootstrap_file_name(1),
-            **node_1_env,
-        }
+        # What srun runs on every node of the allocation, with node 1's SLURM_NODEID and the group's variables.
         node_1 = subprocess.Popen(
-            shlex.split(command), cwd=os.path.join(job_dir, "app_site-1"), env=venv_env(**node_env),
-            stdout=node_log, stderr=subprocess.STDOUT,
+            ["bash", "-c", node_script(job_dir, "site-1")], env=venv_env(**QUIET, **NODE_GROUP, SLURM_NODEID="1",
+            **node_1_env), stdout=node_log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         job.wait(timeout=600)
         node_1.wait(timeout=60)
