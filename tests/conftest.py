@@ -74,7 +74,8 @@ def poc_system(log_dir, env_of: dict[str, dict] | None = None):
         nvflare("poc", "stop", cwd=log_dir, timeout=120)
         left = processes_left(POC_WORKSPACE)
         for line in left:  # do not leave them running for the next test, whatever it asserts
-            os.kill(int(line.split(":")[0]), signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):  # it may have ended since
+                os.kill(int(line.split(":")[0]), signal.SIGKILL)
         cleaned = nvflare("poc", "clean", cwd=log_dir, timeout=60)
     assert left == [], "POC processes outlived `nvflare poc stop`"
     assert not os.path.exists(POC_WORKSPACE), cleaned.stdout + cleaned.stderr

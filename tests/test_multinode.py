@@ -28,6 +28,7 @@ from nvflare.utils.job_launcher_utils import get_job_launcher_spec
 
 from conftest import POC_PROJECT, ROOT, assert_learns, nvflare, poc_system, processes_left, run_job, venv_env
 from data import epoch_batches
+from protocol import TRAINING_FLAGS
 from results import JOB_NAME, read_rounds
 
 NODE_GROUP = {"NVFL_NNODES": "2", "NVFL_MASTER_ADDR": "127.0.0.1", "NVFL_MASTER_PORT": "7870", "NVFL_RUN_ID": "1"}
@@ -174,8 +175,9 @@ def run_two_node_job(admin_kit: str, data_root: str, tmp_path, **node_1_env) -> 
     return run
 
 
-def site_steps(shard: int, world_size: int, epochs: int = 2, batch_size: int = 64) -> int:
+def site_steps(shard: int, world_size: int) -> int:
     """Optimizer steps a site reports for a round: every rank's batches of every local epoch (at the defaults)."""
+    epochs, batch_size = (TRAINING_FLAGS[name]["default"] for name in ("epochs", "batch_size"))
     return world_size * epochs * len(epoch_batches(shard, 0, world_size, batch_size, epoch=0, seed=0))
 
 
