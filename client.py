@@ -292,16 +292,17 @@ def leave(code: int, message: str = "") -> NoReturn:
     os._exit(code)
 
 
-def die_with_parent() -> None:
-    """Ask Linux to SIGKILL this rank if its torchrun dies, so no orphan waits in a collective."""
+def die_with_parent(parent: int) -> None:
+    """Ask Linux to SIGKILL this rank if its torchrun (`parent`, read before) dies, so no orphan waits in a
+    collective. A parent already gone by then is not pid 1 under a subreaper or in a container: compare pids."""
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        if os.getppid() == 1:  # the parent was already gone
+        if os.getppid() != parent:  # the parent was already gone
             sys.exit(1)
 
 
 def main() -> NoReturn:
-    die_with_parent()
+    die_with_parent(os.getppid())
     args = parse_args()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))

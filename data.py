@@ -224,6 +224,8 @@ def synthetic_preset(data_root: str) -> str | None:
     if not os.path.isfile(meta_path):
         return None
     meta = read_pickle(meta_path)
+    if not isinstance(meta, dict):
+        raise DataError(f"{meta_path} is not CIFAR-10's batches.meta (not a dict); run prepare_data.sh again")
     if not meta.get("synthetic", False):
         return None
     return meta.get("preset", "standard")

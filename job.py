@@ -7,6 +7,7 @@ import argparse
 import errno
 import os
 import shutil
+import signal
 import socket
 import sys
 import time
@@ -31,9 +32,10 @@ from nvflare.tool.poc.poc_commands import get_poc_workspace
 from data import DataError, batch_paths
 from model import Net, load_global_model
 from protocol import add_training_flags, positive_int, train_args
+from race_free_simulator import SimEnv as RaceFreeSimEnv
 from results import JOB_NAME, summarize
 from tolerant_fedavg import LiveSitesEvaluation, TolerantFedAvg
-from watchdog import Stopped, Watchdog
+from watchdog import Watchdog
 
 EXPORT_DIR = "/tmp/nvflare/jobs/job_config"
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -305,6 +307,10 @@ def main() -> int:
         os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_rank(args.n_clients, args.nproc_per_node, cpus)))
         # torchrun_node (--slurm_nodes) has no --log-dir; this keeps torchrun from leaving a /tmp/torchelastic_*.
         os.environ.setdefault("PET_LOG_DIR", "/dev/null")
+        # Every site is on this machine: the ranks' process groups listen on loopback, not on the address the
+        # hostname resolves to. (torchrun's own store listens on every interface; README, "Security".)
+        for variable in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+            os.environ.setdefault(variable, "lo")
     if args.env == "sim":
         return run_in_simulator(recipe, args)
     return run_on_system(recipe, args)
@@ -312,26 +318,28 @@ def main() -> int:
 
 def run_in_simulator(recipe, args: argparse.Namespace) -> int:
     sites = site_names(args.n_clients)
-    env = SimEnv(clients=sites, workspace_root=args.workspace)
+    env = RaceFreeSimEnv(clients=sites, workspace_root=args.workspace)
     workspace = os.path.join(args.workspace, JOB_NAME)
-    stopped = None
-    with Watchdog(workspace, sites):
+    with Watchdog(workspace, sites) as watchdog:
         try:
             recipe.execute(env)
         except RuntimeError:  # the simulator failed; the summary says which site and why
             pass
-        except Stopped as e:
-            stopped = e
+    stopped_by = signal_name(watchdog.signum)
     code = summarize(
         os.path.join(workspace, "server", "simulate_job"),
         os.path.join(workspace, "server", "log.txt"),
         sites,
         args.num_rounds,
         logs_root=workspace,
-        stopped_by=str(stopped) if stopped else None,
+        stopped_by=stopped_by,
         min_clients=args.min_clients,
     )
-    return 128 + stopped.signum if stopped else code
+    return 128 + watchdog.signum if stopped_by else code
+
+
+def signal_name(signum: int | None) -> str | None:
+    return signal.Signals(signum).name if signum else None
 
 
 def run_on_system(recipe, args: argparse.Namespace) -> int:
@@ -350,26 +358,26 @@ def run_on_system(recipe, args: argparse.Namespace) -> int:
         env = PocEnv(num_clients=len(sites), clients=sites)
     else:
         env = ProdEnv(startup_kit_location=args.startup_kit)
-    run = result = status = stopped = None
-    with Watchdog(None, sites):
+    run = result = status = failure = None
+    with Watchdog(None, sites) as watchdog:
         try:
             run = recipe.execute(env)
             print(f"submitted job {run.get_job_id()}; waiting for it to finish")
             result = run.get_result(clean_up=False)
             status = run.get_status()
-        except Stopped as e:
-            stopped = e
-        if args.env == "poc":
-            # What the job left lives in the POC workspace, which is deleted next: keep a copy.
-            result = keep_poc_job(run.get_job_id(), result, args.workspace, sites) if run else None
-            if stopped and run:
-                # Otherwise the job stays RUNNING in NVFlare's job store, which outlives the POC workspace, and
-                # the next POC's stop fails on it.
-                run.abort()
-                wait_until_finished(run, timeout=15)
-            env.stop(clean_up=True)
-    if stopped:
-        return report_stop(run, result, args, stopped)
+        except Exception as e:
+            failure = f"{type(e).__name__}: {e}"
+        finally:
+            watchdog.hold_signals()  # whatever happened, and whatever signal comes now, the POC goes
+            if args.env == "poc":
+                result = stop_poc(env, run, result, args, sites, aborted=watchdog.signum is not None)
+    if args.env == "poc":  # what NVFlare's stop could not clean, now that every process of it has ended
+        shutil.rmtree(get_poc_workspace(), ignore_errors=True)
+    if watchdog.signum:
+        return report_stop(run, result, args, watchdog.signum)
+    if failure:
+        print(f"ERROR: the job could not run on the system: {failure}", file=sys.stderr)
+        return 1
     print(f"job {run.get_job_id()} ended with status {status}; result: {result}")
     if not result:
         print(f"ERROR: job {run.get_job_id()} left no result to read (status {status})", file=sys.stderr)
@@ -387,6 +395,22 @@ def run_on_system(recipe, args: argparse.Namespace) -> int:
         print(f"ERROR: job {run.get_job_id()} did not complete (status {status})", file=sys.stderr)
         return 1
     return code
+
+
+def stop_poc(env, run, download: str | None, args: argparse.Namespace, sites: list[str], aborted: bool) -> str | None:
+    """Keep what the job left, then stop and delete job.py's own POC; returns where the job's folders are kept."""
+    try:
+        if run is None:
+            return None
+        kept = keep_poc_job(run.get_job_id(), download, args.workspace, sites)  # the POC workspace goes next
+        if aborted:
+            # Otherwise the job stays RUNNING in NVFlare's job store, which outlives the POC workspace, and the next
+            # POC's stop fails on it.
+            run.abort()
+            wait_until_finished(run, timeout=15)
+        return kept
+    finally:
+        env.stop(clean_up=True)
 
 
 def wait_until_finished(run, timeout: float) -> None:
@@ -410,10 +434,11 @@ def keep_poc_job(job_id: str, download: str | None, workspace: str, sites: list[
     return kept
 
 
-def report_stop(run, result: str | None, args: argparse.Namespace, stopped: Stopped) -> int:
+def report_stop(run, result: str | None, args: argparse.Namespace, signum: int) -> int:
     """job.py was stopped while a job ran on a system: say so, and what was kept or goes on."""
+    name = signal_name(signum)
     if run is None:
-        print(f"ERROR: the job was stopped by {stopped} before it was submitted", file=sys.stderr)
+        print(f"ERROR: the job was stopped by {name} before it was submitted", file=sys.stderr)
     elif result:  # a POC of job.py's own: it is gone now, its job's folders kept
         summarize(
             os.path.join(result, "workspace"),
@@ -421,16 +446,16 @@ def report_stop(run, result: str | None, args: argparse.Namespace, stopped: Stop
             site_names(args.n_clients),
             args.num_rounds,
             logs_root=result,
-            stopped_by=str(stopped),
+            stopped_by=name,
             min_clients=args.min_clients,
         )
     else:
         print(
-            f"ERROR: the job was stopped by {stopped} while job {run.get_job_id()} runs on the system, where it "
+            f"ERROR: the job was stopped by {name} while job {run.get_job_id()} runs on the system, where it "
             f"goes on; to end it: nvflare job abort {run.get_job_id()} --startup-kit {args.startup_kit}",
             file=sys.stderr,
         )
-    return 128 + stopped.signum
+    return 128 + signum
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ lines a trainer prints that job.py reads back from the site logs."""
 
 import argparse
 import re
+import shlex
 
 DEFAULT_DATA_ROOT = "/tmp/nvflare/data"
 
@@ -11,6 +12,13 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
     return value
 
 
@@ -52,7 +60,11 @@ TRAINING_FLAGS = {
         "default": None,
         "help": "Dirichlet label skew across sites (small: skewed); default IID shards",
     },
-    "seed": {"type": int, "default": 0, "help": "seed of the initial global model, the shard split and the shuffles"},
+    "seed": {
+        "type": non_negative_int,
+        "default": 0,
+        "help": "seed of the initial global model, the shard split and the shuffles",
+    },
     "use_tracking": {"action": "store_true", "help": "log each site's metrics to TensorBoard"},
     "stall_timeout": {
         "type": positive_float,
@@ -68,15 +80,16 @@ def add_training_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def train_args(args: argparse.Namespace) -> str:
-    """The training flags in `args` as the trainer's command-line arguments."""
+    """The training flags in `args` as the trainer's command-line arguments, quoted for NVFlare, which splits
+    them as a shell would (shlex): a path may hold spaces and quotes."""
     parts = []
     for name, spec in TRAINING_FLAGS.items():
         value = getattr(args, name)
         if spec.get("action") == "store_true":
             parts += [f"--{name}"] if value else []
         elif value is not None:
-            parts.append(f"--{name} {value}")
-    return " ".join(parts)
+            parts += [f"--{name}", str(value)]
+    return shlex.join(parts)
 
 
 # A trainer's own report lines: "<site> rank <r>: <kind>: <text>".

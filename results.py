@@ -19,6 +19,9 @@ NVFLARE_TRAINER_EXITED = r"trainer process group exited \(rc=(-?\d+)\)"  # the t
 NVFLARE_TASK_SENT = "Sending task train"  # the server, at the start of each round
 NVFLARE_MODEL_SAVED = "End persist model on server"  # the server, at the end of each round
 NVFLARE_HANDSHAKE = "trainer session established"  # a site, once its trainer's rank 0 has shaken hands
+# A site's client when it ends its run by itself, with NVFlare's reason: for example its trainer could not be
+# launched, or exited before the handshake. The simulator's server is not told, and would wait for it forever.
+NVFLARE_SITE_ENDED = "Stopped ClientRunner due to FATAL_SYSTEM_ERROR"
 # torch 2.14 ends the exitcode line with "(SIGKILL)", torch 2.11 does not: the signal is named here instead.
 TORCHRUN_ROOT_CAUSE = r"Root Cause \(first observed failure\):.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)"
 # NVFlare's log lines start with a timestamp such as "2026-11-27 05:30:40,123".
@@ -120,6 +123,9 @@ def diagnose(workspace: str, site: str) -> str | None:
     ended = re.search(NVFLARE_TRAINER_EXITED, log)
     if ended:
         return f"{site}'s torchrun ended (rc={ended.group(1)}) before it sent a result"
+    fatal = re.search(re.escape(NVFLARE_SITE_ENDED) + r": ([^\n]*)", log)
+    if fatal:
+        return f"{site}: NVFlare could not start the trainer: {fatal.group(1)}"
     return None
 
 
@@ -142,12 +148,18 @@ def report_failure(
     logs_root: str | None,
     stopped_by: str | None,
     min_clients: int,
+    finished: bool = False,
 ) -> None:
-    """The error line: what stopped the job, where, and which global model is kept."""
+    """The error line: what stopped the job, where, and which global model is kept. finished: the job itself
+    had finished when job.py was stopped."""
     causes = {site: diagnose(logs_root, site) for site in sites} if logs_root else {}
     failed = [site for site, cause in causes.items() if cause]
     # A stop by signal has no failed site: then any site still starting means start-up.
-    phase = failure_phase(logs_root, sites if stopped_by else failed, complete_rounds, num_rounds)
+    phase = (
+        "after the job had finished"
+        if finished
+        else failure_phase(logs_root, sites if stopped_by else failed, complete_rounds, num_rounds)
+    )
     model = os.path.join(server_dir, "app_server", "FL_global_model.pt")
     kept = (
         f"the global model after round {complete_rounds - 1} is kept: {model}"
@@ -207,8 +219,9 @@ def summarize(
     complete = [r for r in rounds if len(r["sites"]) >= min_clients]
     dropped = dropouts(rounds, sites) if min_clients < len(sites) else {}
     final_scores = read_final_scores(server_dir)
-    if stopped_by or len(complete) < num_rounds or set(final_scores) != set(sites) - set(dropped):
-        report_failure(server_dir, sites, num_rounds, len(complete), logs_root, stopped_by, min_clients)
+    finished = len(complete) >= num_rounds and set(final_scores) == set(sites) - set(dropped)
+    if stopped_by or not finished:
+        report_failure(server_dir, sites, num_rounds, len(complete), logs_root, stopped_by, min_clients, finished)
         return 1
     for site, r in dropped.items():
         cause = (diagnose(logs_root, site) if logs_root else None) or "see its log"

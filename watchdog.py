@@ -5,7 +5,8 @@ signal to job.py does not reach them, and NVFlare's simulator does not end a job
 its run before its trainer's handshake. While a run is under way, this module:
 - makes job.py the parent of last resort of everything the run starts (Linux's child subreaper), so
   no process can slip out of job.py's process tree;
-- turns SIGTERM and SIGINT into a `Stopped` exception in job.py's main thread;
+- turns SIGTERM, SIGINT and SIGHUP (a closed terminal) into a `Stopped` exception in job.py's main thread,
+  once: from then on, and during teardown, a signal is only noted, so that nothing interrupts the cleanup;
 - watches the sites' logs and ends the run as soon as a site has ended its own: FedAvg here
   needs every site in every round;
 - when the run is over, for whatever reason, ends every process it left behind.
@@ -20,14 +21,16 @@ import time
 
 import psutil
 
-# NVFlare 2.9's client log line when a site ends its run by itself, for example because its trainer
-# exited before the handshake. The server is not told, and the simulator waits for the site forever.
-NVFLARE_SITE_ENDED = "Stopped ClientRunner due to FATAL_SYSTEM_ERROR"
+from results import NVFLARE_SITE_ENDED
+
 PR_SET_CHILD_SUBREAPER = 36
 
 
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
 class Stopped(BaseException):
-    """job.py got SIGTERM or SIGINT. Like KeyboardInterrupt, it is no Exception: NVFlare's code that waits for a
+    """job.py got SIGTERM, SIGINT or SIGHUP. Like KeyboardInterrupt, it is no Exception: NVFlare's code that waits for a
     job catches Exception and would swallow it."""
 
     def __init__(self, signum: int):
@@ -74,11 +77,14 @@ def reap_adopted(adopted: set[int]) -> None:
 
 
 class Watchdog:
-    """`with Watchdog(logs_root, sites):` around a run; logs_root None: no site logs to watch (a real system)."""
+    """`with Watchdog(logs_root, sites) as watchdog:` around a run; logs_root None: no site logs to watch (a real
+    system). A `Stopped` raised inside the block ends the block; `watchdog.signum` then names the signal."""
 
     def __init__(self, logs_root: str | None, sites: list[str], poll: float = 0.5):
         self.logs_root, self.sites, self.poll = logs_root, sites, poll
         self.ended_sites: list[str] = []
+        self.signum: int | None = None  # the first signal job.py got, if any
+        self._holding = False  # True once signals are only noted
         self._seen = dict.fromkeys(sites, 0)  # how much of each site's log has been read
         self._started = time.time()  # a log older than this is a previous run's, before the simulator clears it
         self._done = threading.Event()
@@ -88,22 +94,29 @@ class Watchdog:
     def __enter__(self) -> "Watchdog":
         if sys.platform.startswith("linux"):
             ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1)
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in SIGNALS:
             self._handlers[signum] = signal.signal(signum, self._on_signal)
         self._thread.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self.hold_signals()
         self._done.set()
         self._thread.join()
         end_all_children()
         for signum, handler in self._handlers.items():
             signal.signal(signum, handler)
+        return isinstance(exc, Stopped)  # the signal is in self.signum
+
+    def hold_signals(self) -> None:
+        """From now on a signal is noted in self.signum, not raised: call it before teardown."""
+        self._holding = True
 
     def _on_signal(self, signum, frame):
-        for s in self._handlers:  # a second Ctrl-C must not interrupt the cleanup
-            signal.signal(s, signal.SIG_IGN)
-        raise Stopped(signum)
+        self.signum = self.signum or signum
+        if not self._holding:
+            self._holding = True  # a second Ctrl-C must not interrupt the cleanup
+            raise Stopped(signum)
 
     def _watch(self) -> None:
         adopted = set()  # processes first seen below another one: job.py's own only once their parent is gone

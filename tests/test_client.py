@@ -116,3 +116,32 @@ def test_warm_up_leaves_the_weights_as_they_were(one_rank_group):
     warm_up(DDP(net), images, labels, images, labels, parse_args(["--site", "site-1", "--sites", "site-1"]))
     assert all(torch.equal(before[name], tensor) for name, tensor in net.state_dict().items())
     assert all(p.grad is None for p in net.parameters())
+
+
+ORPHAN = """
+import ctypes, os, sys, time
+sys.path.insert(0, sys.argv[1])
+ctypes.CDLL(None).prctl(36, 1)  # PR_SET_CHILD_SUBREAPER: this process stands for job.py's watchdog
+if os.fork() == 0:  # torchrun
+    if os.fork() == 0:  # its rank, whose torchrun dies before the rank asks to die with it
+        import client
+        torchrun = os.getppid()
+        os.kill(torchrun, 9)
+        while os.getppid() == torchrun:
+            time.sleep(0.01)
+        try:
+            client.die_with_parent(torchrun)
+        except SystemExit:
+            os._exit(3)  # it saw that its torchrun is gone
+        os._exit(0)  # still alive: an orphan
+    time.sleep(60)
+    os._exit(0)
+codes = [os.waitstatus_to_exitcode(os.waitpid(-1, 0)[1]) for _ in range(2)]
+print(sorted(codes))
+"""
+
+
+def test_a_rank_whose_torchrun_died_first_ends_under_a_subreaper_too():
+    # Its new parent is the subreaper, not pid 1: the rank must still see that its torchrun is gone.
+    result = subprocess.run([sys.executable, "-c", ORPHAN, ROOT], capture_output=True, text=True, timeout=120)
+    assert result.stdout.split("\n")[0] == "[-9, 3]", result.stdout + result.stderr[-2000:]

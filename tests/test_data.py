@@ -147,6 +147,13 @@ def test_batch_that_is_not_cifar_is_refused(tmp_path, batch, why):
         read_batch(path)
 
 
+def test_meta_that_is_not_a_dict_is_refused(tmp_path):
+    folder = write_dataset(tmp_path)
+    write_pickle(os.path.join(folder, "batches.meta"), ["not", "a", "dict"])
+    with pytest.raises(DataError, match="batches.meta is not CIFAR-10's batches.meta"):
+        is_synthetic(str(tmp_path))
+
+
 def test_hostile_pickle_is_refused_without_running_it(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "data_batch_1"

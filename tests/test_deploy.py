@@ -52,10 +52,15 @@ def test_exported_job_has_no_path_of_this_machine(synthetic_root, tmp_path):
                 assert local not in text, (name, local)
 
 
-def test_exported_job_runs_under_the_simulator_cli(synthetic_root, tmp_path):
+def test_exported_job_runs_under_the_race_free_simulator_cli(synthetic_root, tmp_path):
+    # `nvflare simulator`'s arguments, with the start-up race forced: NVFlare's own CLI would hang here.
     job_dir = export_job(synthetic_root, tmp_path / "export")
     workspace = str(tmp_path / "ws")
-    result = nvflare("simulator", job_dir, "-w", workspace, "-n", "2", "-t", "2", timeout=600)
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "race_free_simulator.py"), job_dir, "-w", workspace, "-n", "2", "-t", "2"],
+        env=venv_env(PYTHONPATH=os.path.join(ROOT, "tests", "force_race")),
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert_finished(os.path.join(workspace, "server", "simulate_job"), rounds=5)
     assert processes_of(workspace) == []
@@ -131,6 +136,59 @@ def test_sigterm_to_job_py_ends_its_poc_and_keeps_the_job(synthetic_root, tmp_pa
     stop = stderr.strip().splitlines()[-1]
     assert stop.startswith("ERROR: the job was stopped by SIGTERM in round ") and " is kept: " in stop, stderr[-3000:]
     load_global_model(stop.split(" is kept: ")[1])
+
+
+# Runs job.py as `python job.py ARGS` does, after making one call of a library it uses send a signal to job.py
+# first: a signal at exactly that stage of the run. argv: MODULE:ATTRIBUTE SIGNUM job.py ARGS...
+SIGNAL_AT_CALL = """
+import importlib, os, runpy, sys
+target, signum = sys.argv[1], int(sys.argv[2])
+sys.argv = sys.argv[3:]
+module, attribute = target.split(":")
+*path, name = attribute.split(".")
+owner = importlib.import_module(module)
+for part in path:
+    owner = getattr(owner, part)
+original = getattr(owner, name)
+
+def signal_first(*args, **kwargs):
+    setattr(owner, name, original)
+    os.kill(os.getpid(), signum)
+    return original(*args, **kwargs)
+
+setattr(owner, name, signal_first)
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize(
+    "call, signum, message",
+    [
+        # POC started, the job not yet submitted; the terminal closed.
+        ("nvflare.recipe.session_mgr:SessionManager.submit_job", signal.SIGHUP, "before it was submitted"),
+        # The job has finished, and job.py copies what it left (Ctrl-C).
+        ("shutil:copytree", signal.SIGINT, "after the job had finished"),
+        # job.py stops its POC (SIGTERM).
+        ("nvflare.recipe.poc_env:PocEnv.stop", signal.SIGTERM, "after the job had finished"),
+    ],
+)
+def test_a_signal_at_any_stage_of_env_poc_leaves_no_poc(call, signum, message, synthetic_root, tmp_path):
+    assert not os.path.exists(POC_WORKSPACE), "a POC workspace exists already; this test would delete it"
+    args = ["--env", "poc", "--num_rounds", "1", "--data_root", synthetic_root, "--workspace", str(tmp_path)]
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", SIGNAL_AT_CALL, call, str(int(signum)), os.path.join(ROOT, "job.py"), *args],
+            cwd=ROOT, env=venv_env(), capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+    finally:
+        left, poc_left = processes_left(POC_WORKSPACE), os.path.exists(POC_WORKSPACE)
+        if poc_left:  # the test failed: leave no POC behind for the next one
+            nvflare("poc", "stop", timeout=120)
+            nvflare("poc", "clean", timeout=60)
+    assert result.returncode == 128 + signum, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"ERROR: the job was stopped by {signal.Signals(signum).name} {message}" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert left == [] and not poc_left
 
 
 @pytest.fixture(scope="module")

@@ -95,19 +95,23 @@ def test_stuck_rank_ends_its_site_after_the_stall_timeout(synthetic_root, tmp_pa
 
 
 @pytest.mark.parametrize(
-    "signum, phase, wait_for, kept_round",
+    "signum, phase, wait_for, kept_round, fault",
     [
         # Ctrl-C while the sites' trainers start; SIGTERM (kill, a scheduler, a CI timeout) in round 1.
-        (signal.SIGINT, "during start-up", ("site-1", "launching external trainer", 1), None),
-        (signal.SIGTERM, f"in round 1 of {ROUNDS}", ("server", "Sending task train", 2), 0),
+        (signal.SIGINT, "during start-up", ("site-1", "launching external trainer", 1), None, ""),
+        (signal.SIGTERM, f"in round 1 of {ROUNDS}", ("server", "Sending task train", 2), 0, ""),
+        # SIGHUP (the terminal closed) in the final evaluation, which a stopped rank holds open until then.
+        (signal.SIGHUP, "in the final evaluation", ("site-1", "injecting fault", 1), ROUNDS - 1, "site-1:1:eval:stop"),
     ],
 )
-def test_signal_to_job_py_ends_every_process_it_started(signum, phase, wait_for, kept_round, synthetic_root, tmp_path):
+def test_signal_to_job_py_ends_every_process_it_started(
+    signum, phase, wait_for, kept_round, fault, synthetic_root, tmp_path
+):
     workspace = str(tmp_path)
     job = subprocess.Popen(
         [sys.executable, os.path.join(ROOT, "job.py"), "--num_rounds", str(ROUNDS), "--data_root", synthetic_root,
          "--workspace", workspace, "--master_port", "7830"],
-        cwd=ROOT, env=venv_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=ROOT, env=venv_env(DDP_EXAMPLE_FAULT=fault), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
         site, text, count = wait_for

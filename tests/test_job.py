@@ -1,10 +1,13 @@
 """End to end: the real `python job.py` in NVFlare's simulator, 2 gloo ranks per site, on the synthetic set."""
 
+import contextlib
 import glob
+import ipaddress
 import json
 import os
 import shutil
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -12,7 +15,17 @@ import time
 import pytest
 import torch
 
-from conftest import WritesMarker, assert_clean, assert_learns, processes_of, round_metrics, run_job
+from conftest import (
+    ROOT,
+    WritesMarker,
+    assert_clean,
+    assert_learns,
+    processes_of,
+    round_metrics,
+    run_job,
+    venv_env,
+    wait_for_log_lines,
+)
 from data import load_cifar10, normalize
 from model import Net, load_global_model
 from results import JOB_NAME, metric, read_final_scores
@@ -53,18 +66,30 @@ def test_global_accuracy_climbs_well_above_chance(default_run):
     assert_learns(round_metrics(workspace))
 
 
+def per_round(workspace: str) -> list[tuple[float, float]]:
+    return [(metric(r["aggregated_metrics"], "accuracy"), metric(r["aggregated_metrics"], "train_loss"))
+            for r in round_metrics(workspace)]  # fmt: skip
+
+
 def test_the_same_seed_reproduces_every_round(default_run, synthetic_root, tmp_path):
     _, first, _ = default_run
     again = run_job(
         "--num_rounds", "3", "--data_root", synthetic_root, "--workspace", str(tmp_path), "--master_port", "7815"
     )  # fmt: skip
     assert again.returncode == 0, again.stderr[-3000:]
-
-    def per_round(workspace):
-        return [(metric(r["aggregated_metrics"], "accuracy"), metric(r["aggregated_metrics"], "train_loss"))
-                for r in round_metrics(workspace)]  # fmt: skip
-
     assert per_round(str(tmp_path)) == per_round(first)
+
+
+def test_a_data_root_with_spaces_quotes_and_accents_reaches_every_rank(default_run, synthetic_root, tmp_path):
+    _, plain, _ = default_run
+    root = tmp_path / "my set's \u00fcber data"
+    shutil.copytree(synthetic_root, root)
+    workspace = str(tmp_path / "ws")
+    result = run_job(
+        "--num_rounds", "3", "--data_root", str(root), "--workspace", workspace, "--master_port", "7815"
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert per_round(workspace) == per_round(plain)  # the same data, so the same run as at a plain path
 
 
 def test_global_models_load_into_net_and_best_is_the_best_round(default_run, synthetic_root):
@@ -166,6 +191,7 @@ def test_nvflare_export_flag_still_works(tmp_path):
         ["--batch_size", "0"],
         ["--num_rounds", "five"],
         ["--master_port", "80"],
+        ["--seed", "-1"],
     ],
 )
 def test_bad_arguments_get_a_one_line_usage_error(bad):
@@ -297,3 +323,61 @@ def test_initial_model_that_is_not_a_net_is_refused_before_anything_starts(write
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"ERROR: --initial_model: {path} ") and why in lines[0], lines
     assert not os.path.exists(tmp_path / "ws") and not os.path.exists(str(path) + ".ran")
+
+
+def listening_sockets(pids: list[int]) -> set[tuple[str, int]]:
+    """(address, port) of every TCP socket in LISTEN that one of `pids` holds, read from /proc."""
+    inodes, tables = set(), set()
+    for pid in pids:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if link.startswith("socket:["):
+                    inodes.add(link[8:-1])
+            tables |= {f"/proc/{pid}/net/tcp", f"/proc/{pid}/net/tcp6"}  # the tables of the pid's own network
+        except OSError:  # it ended meanwhile
+            continue
+    found = set()
+    for table in tables:
+        with contextlib.suppress(OSError), open(table) as f:
+            for line in f.readlines()[1:]:
+                local, state, inode = (line.split()[i] for i in (1, 3, 9))
+                if state == "0A" and inode in inodes:  # 0A: LISTEN
+                    address, port = local.split(":")
+                    raw = bytes.fromhex(address)
+                    # The kernel writes each 32-bit word of the address in host (little-endian) order.
+                    raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+                    found.add((str(ipaddress.ip_address(raw)), int(port, 16)))
+    return found
+
+
+def is_loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    return ip.is_loopback or (ip.version == 6 and ip.ipv4_mapped is not None and ip.ipv4_mapped.is_loopback)
+
+
+def test_a_local_run_listens_on_loopback_only_but_for_torchruns_store(synthetic_root, tmp_path):
+    """In a network namespace of its own where the hostname resolves to a non-loopback address, as on many hosts:
+    gloo would listen there unless told to use loopback. torchrun's store listens on every interface: torch offers
+    no bind address for it (README, "Security")."""
+    hosts = tmp_path / "hosts"
+    hosts.write_text(f"198.51.100.1 {socket.gethostname()}\n127.0.0.1 localhost\n")
+    setup = f'ip link set lo up && ip addr add 198.51.100.1/32 dev lo && mount --bind {hosts} /etc/hosts && exec "$@"'
+    workspace = str(tmp_path / "ws")
+    job = subprocess.Popen(
+        ["unshare", "--net", "--mount", "sh", "-c", setup, "sh", sys.executable, os.path.join(ROOT, "job.py"),
+         "--num_rounds", "3", "--data_root", synthetic_root, "--workspace", workspace, "--master_port", "7870"],
+        cwd=ROOT, env=venv_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        wait_for_log_lines(os.path.join(workspace, JOB_NAME, "server", "log.txt"), "Sending task train", 2, 300)
+        listening = listening_sockets([int(line.split(":")[0]) for line in processes_of(workspace)])
+        stdout, stderr = job.communicate(timeout=300)
+    finally:
+        job.kill()
+    assert job.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    assert any(port not in (7870, 7871) for _, port in listening)  # the ranks' and NVFlare's own were seen
+    assert {(address, port) for address, port in listening if not is_loopback(address)} == {
+        ("::", 7870),
+        ("::", 7871),
+    }

@@ -1,4 +1,5 @@
 import re
+import shlex
 import subprocess
 import sys
 
@@ -14,6 +15,7 @@ from protocol import TRAINING_FLAGS, rank_line, rank_line_pattern, train_args
         [],
         ["--epochs", "3", "--batch_size", "16", "--lr", "0.5", "--alpha", "0.3", "--seed", "7", "--use_tracking"],
         ["--data_root", "/data/cifar"],
+        ["--data_root", "/data/my set's über data"],  # NVFlare splits the arguments as a shell would
         ["--momentum", "0", "--max_grad_norm", "0", "--warmup_rounds", "3", "--stall_timeout", "30"],
     ],
 )
@@ -22,7 +24,9 @@ def test_every_training_flag_reaches_the_trainer_unchanged(flags):
     import job
 
     job_args = job.parse_args(flags)
-    trainer_args = client.parse_args(train_args(job_args).split() + ["--site", "site-1", "--sites", "site-1,site-2"])
+    trainer_args = client.parse_args(
+        shlex.split(train_args(job_args)) + ["--site", "site-1", "--sites", "site-1,site-2"]
+    )
     for name in TRAINING_FLAGS:
         assert getattr(trainer_args, name) == getattr(job_args, name), name
 

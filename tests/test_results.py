@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from results import back_to_chance, diagnose, dropouts, failure_phase, worst_dip
+from results import back_to_chance, diagnose, dropouts, failure_phase, summarize, worst_dip
 
 ROOT_CAUSE = """2026-11-27 05:45:39,772 - ExternalProcessBackend - INFO - Root Cause (first observed failure):
 2026-11-27 05:45:39,772 - ExternalProcessBackend - INFO - [0]:
@@ -32,6 +32,26 @@ def test_the_failed_ranks_own_error_line_is_preferred(tmp_path):
 def test_what_a_site_logs_after_the_server_ended_its_run_is_no_cause(tmp_path):
     text = "x - INFO - server asked to end the run\nx - INFO - site-1 rank 0: ERROR: RuntimeError: late\n"
     assert diagnose(write_log(tmp_path, "site-1", text), "site-1") is None
+
+
+# What site-1's client logged when NVFlare 2.9.0's simulator set it up under site-2's name (seen here).
+MIXED_UP = (
+    "2026-11-30 14:32:32,586 - ClientRunner - ERROR - [identity=site-2, run=simulate_job] - Stopped ClientRunner "
+    "due to FATAL_SYSTEM_ERROR: ClientAPIExecutor cannot start: backend for execution_mode 'external_process' "
+    "failed to initialize: FileNotFoundError: [Errno 2] No such file or directory: "
+    "'/ws/site-1/simulate_job/app_site-2/.client_api_bootstrap-judqrhth.tmp'\n"
+)
+
+
+def test_a_site_nvflare_could_not_start_is_named_with_nvflares_reason(tmp_path, capsys):
+    logs = write_log(tmp_path, "site-1", MIXED_UP)
+    write_log(tmp_path, "site-2", "2026-11-30 14:32:31,000 - X - INFO - launching external trainer\n")
+    assert summarize(str(tmp_path / "server"), str(tmp_path / "server.log"), ["site-1", "site-2"], 1, logs) == 1
+    assert capsys.readouterr().err.startswith(
+        "ERROR: the job stopped during start-up: site-1: NVFlare could not start the trainer: ClientAPIExecutor "
+        "cannot start: backend for execution_mode 'external_process' failed to initialize: FileNotFoundError: "
+        "[Errno 2] No such file or directory: '/ws/site-1/simulate_job/app_site-2/"
+    )
 
 
 def test_phase_is_start_up_until_the_trainer_shook_hands(tmp_path):

@@ -1,0 +1,111 @@
+"""NVFlare's simulator, less a start-up race of nvflare 2.9.0 that sets one site up under another's name.
+
+The race: `SimulatorClientRunner.do_one_task` (nvflare/private/fed/app/simulator/simulator_runner.py, 2.9.0)
+writes the client's name into `self.build_ctx`, one dict that every client thread shares (line 771), then sends
+that dict to the client's worker process (line 780). The worker takes its name from the dict, but its workspace
+from its own command line. When two threads reach those lines together, which their common 1-second polling
+makes likely, one site's worker sets its trainer up under the other's name and fails:
+FileNotFoundError: .../site-1/simulate_job/app_site-2/.client_api_bootstrap-*.tmp, then FATAL_SYSTEM_ERROR.
+
+The fix: each thread reads its own copy of `build_ctx`, so no thread's name lands in another's message. It is
+applied only to the NVFlare version it was checked against, and it refuses to run if that code has changed.
+Delete this module once NVFlare's `do_one_task` sends a copy of its own.
+
+Run it as NVFlare's simulator CLI is run:  python race_free_simulator.py JOB_FOLDER -w WORKSPACE -n 2 -t 2
+job.py's `--env sim` runs the job through it (`SimEnv` below)."""
+
+import inspect
+import os
+import runpy
+import subprocess
+import sys
+import tempfile
+import threading
+
+import nvflare
+from nvflare.private.fed.app.simulator.simulator_runner import SimulatorClientRunner
+from nvflare.recipe import SimEnv as NVFlareSimEnv
+
+CHECKED_VERSION = "2.9.0"
+# The lines of do_one_task the fix depends on, in this order: the shared dict written, then sent.
+RACY_LINES = ('self.build_ctx["client_name"] = client.client_name', "SimulatorConstants.BUILD_CTX: self.build_ctx")
+
+
+class PerThreadBuildCtx:
+    """`SimulatorClientRunner.build_ctx`, as a data descriptor: it stores the dict that NVFlare assigns, and hands
+    each thread a copy of its own, so that a name one thread writes is never the one another thread sends."""
+
+    def __init__(self):
+        self._local = threading.local()
+
+    def __set__(self, runner, ctx) -> None:
+        runner.__dict__["_shared_build_ctx"] = ctx
+
+    def __get__(self, runner, owner=None):
+        if runner is None:
+            return self
+        shared = runner.__dict__.get("_shared_build_ctx")
+        copies = self._local.__dict__.setdefault("copies", {})  # id(runner) -> (the shared dict, this thread's copy)
+        if shared is None:
+            return None
+        kept = copies.get(id(runner))
+        if kept is None or kept[0] is not shared:
+            kept = copies[id(runner)] = (shared, dict(shared))
+        return kept[1]
+
+
+class SimulatorChanged(RuntimeError):
+    pass
+
+
+def patch_simulator() -> bool:
+    """Install PerThreadBuildCtx on NVFlare's SimulatorClientRunner; False, with a warning, on an NVFlare version
+    this was not checked against."""
+    if isinstance(SimulatorClientRunner.__dict__.get("build_ctx"), PerThreadBuildCtx):
+        return True
+    if nvflare.__version__ != CHECKED_VERSION:
+        print(
+            f"WARNING: race_free_simulator.py was checked against nvflare {CHECKED_VERSION}, not "
+            f"{nvflare.__version__}; NVFlare's simulator runs unchanged",
+            file=sys.stderr,
+        )
+        return False
+    source = inspect.getsource(SimulatorClientRunner.do_one_task)
+    where = [source.find(line) for line in RACY_LINES]
+    if -1 in where or where != sorted(where):
+        raise SimulatorChanged(
+            "nvflare's SimulatorClientRunner.do_one_task is not the code race_free_simulator.py corrects; "
+            "check whether NVFlare fixed the race, then delete the module or update it"
+        )
+    SimulatorClientRunner.build_ctx = PerThreadBuildCtx()
+    return True
+
+
+class SimEnv(NVFlareSimEnv):
+    """NVFlare's SimEnv, which runs the job through this module instead of NVFlare's simulator CLI."""
+
+    def deploy(self, job) -> str:
+        workspace = os.path.join(self.workspace_root, job.name)
+        self._ensure_default_component_policy(workspace)  # as NVFlare's SimEnv does
+        with tempfile.TemporaryDirectory() as job_root:
+            job.export_job(job_root)
+            command = [sys.executable, os.path.abspath(__file__), os.path.join(job_root, job.name), "-w", workspace]
+            command += ["-c", ",".join(self.clients), "-t", str(self.num_threads)]
+            command += ["-gpu", self.gpu_config] if self.gpu_config else []
+            command += ["-l", self.log_config] if self.log_config else []
+            # In a session of its own, as NVFlare's SimEnv starts it: a Ctrl-C reaches job.py alone.
+            code = subprocess.run(command, start_new_session=True).returncode
+        if code != 0:
+            raise RuntimeError(f"the simulator exited with code {code}; logs under {workspace}")
+        return job.name
+
+
+# Under `python race_free_simulator.py`, and in a child that multiprocessing spawns, which imports the main script
+# as __mp_main__: the simulator's processes get the fix wherever they start.
+if __name__ in ("__main__", "__mp_main__"):
+    try:
+        patch_simulator()
+    except SimulatorChanged as e:
+        sys.exit(f"ERROR: {e}")
+    if __name__ == "__main__":
+        runpy.run_module("nvflare.private.fed.app.simulator.simulator", run_name="__main__", alter_sys=False)
