@@ -55,6 +55,17 @@ def choose_backend(gpus: int, local_rank: int, local_world_size: int) -> tuple[s
     )
 
 
+def describe(device: torch.device) -> str:
+    """The physical device behind `device`: every site's first GPU is cuda:0, so name it by UUID and PCI bus."""
+    if device.type != "cuda":
+        return str(device)
+    props = torch.cuda.get_device_properties(device)
+    name = f"{device} = {props.name}, GPU-{props.uuid}"
+    if hasattr(props, "pci_bus_id"):  # torch 2.6 and later
+        name += f", PCI {props.pci_domain_id:04x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}"
+    return name
+
+
 STOP, TRAIN, EVALUATE = 0, 1, 2
 
 
@@ -183,9 +194,8 @@ def run_site(args, device: torch.device) -> None:
     """This site's part of the job: load its shard, then answer the server's tasks until it says stop."""
     rank = dist.get_rank()
     train_x, train_y, test_x, test_y = load_cifar10(args.data_root)
-    shard = partition_indices(
-        train_y, args.sites, args.site, args.alpha, args.seed, min_size=args.batch_size * dist.get_world_size()
-    )
+    # One floor for every site, whatever its rank count, so that all sites compute the same shards.
+    shard = partition_indices(train_y, args.sites, args.site, args.alpha, args.seed, min_size=args.batch_size)
     # The whole shard and test set stay on the device; a batch is an index op.
     train_x, train_y = train_x[shard].to(device), train_y[shard].to(device)
     test_x, test_y = test_x.to(device), test_y.to(device)
@@ -314,6 +324,8 @@ def main() -> NoReturn:
     dist.init_process_group(backend, timeout=timedelta(seconds=args.stall_timeout))
     rank = dist.get_rank()
     try:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "(not set)")
+        print(f"{args.site} rank {rank}: {describe(device)}; CUDA_VISIBLE_DEVICES={visible}", flush=True)
         if rank == 0:
             print(
                 f"{args.site}: {dist.get_world_size()} rank(s), backend {backend} on {device.type}"

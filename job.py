@@ -30,6 +30,7 @@ from nvflare.recipe import (
 from nvflare.tool.poc.poc_commands import get_poc_workspace
 
 from data import DataError, batch_paths
+from gpu_plan import default_ranks, gpu_blocks, plan_lines, visible_gpus
 from model import Net, load_global_model
 from protocol import add_training_flags, positive_int, train_args
 from race_free_simulator import SimEnv as RaceFreeSimEnv
@@ -39,6 +40,10 @@ from watchdog import Watchdog
 
 EXPORT_DIR = "/tmp/nvflare/jobs/job_config"
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def rank_counts(text: str) -> list[int]:
+    return [positive_int(part) for part in text.split(",")]
 
 
 def port(text: str) -> int:
@@ -70,7 +75,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="the fewest sites a round may average. Below --n_clients, a site whose training fails drops out and "
         "the others go on; by default every site is needed, and any failure ends the job",
     )
-    p.add_argument("--nproc_per_node", type=positive_int, help="DDP ranks (GPUs) per site; 2 if not given")
+    p.add_argument(
+        "--nproc_per_node",
+        type=rank_counts,
+        help="DDP ranks (GPUs) of each site: one number for every site, or one per site (2,4); if not given, 2, "
+        "or fewer where that puts every site of a local run on this machine's GPUs",
+    )
     p.add_argument(
         "--master_port",
         type=port,
@@ -116,10 +126,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                 "--nproc_per_node and --master_port are for single-node sites; with --slurm_nodes every node runs "
                 "--slurm_gpus_per_node ranks, and torchrun_node picks the ports"
             )
-        args.nproc_per_node = args.slurm_gpus_per_node  # ranks on each node
+        args.nproc_per_node = [args.slurm_gpus_per_node]  # ranks on each node
     else:
-        args.nproc_per_node = args.nproc_per_node or 2
         args.master_port = args.master_port or 7777
+    if args.nproc_per_node is not None and len(args.nproc_per_node) == 1:
+        args.nproc_per_node *= args.n_clients
+    if args.nproc_per_node is not None and len(args.nproc_per_node) != args.n_clients:
+        p.error(
+            f"--nproc_per_node gives {len(args.nproc_per_node)} rank counts for {args.n_clients} sites: give one "
+            "for every site, or one per site"
+        )
     if args.min_clients is None:
         args.min_clients = args.n_clients
     if args.min_clients > args.n_clients:
@@ -135,15 +151,18 @@ def site_names(n_clients: int) -> list[str]:
     return [f"site-{i}" for i in range(1, n_clients + 1)]
 
 
-def site_command(nproc_per_node: int, master_port: int | None) -> str:
+def site_command(nproc_per_node: int, master_port: int | None, gpus: list[str] | None = None) -> str:
     """How a site starts its ranks: torchrun on one node, or, with no master_port (--slurm_nodes), NVFlare's
-    torchrun_node, which joins the nodes that NVFlare's Slurm job launcher names in the NVFL_* variables."""
+    torchrun_node, which joins the nodes that NVFlare's Slurm job launcher names in the NVFL_* variables.
+    gpus: the GPUs of this machine the site may use (a local run), or None (the site's own machine decides)."""
+    # NVFlare runs a leading `env VAR=value` as a shell would; an empty list hides every GPU from the site.
+    pin = "" if gpus is None else f"env CUDA_VISIBLE_DEVICES={','.join(gpus)} "
     # `python3` from the site's PATH: no path of this machine ends up in the job.
     if master_port is None:
-        return f"python3 -u -m nvflare.app_opt.pt.torchrun_node --nproc-per-node={nproc_per_node}"
+        return f"{pin}python3 -u -m nvflare.app_opt.pt.torchrun_node --nproc-per-node={nproc_per_node}"
     # --log-dir=/dev/null: otherwise torchrun leaves an empty /tmp/torchelastic_* folder on every run.
     return (
-        f"python3 -u -m torch.distributed.run --nnodes=1 --nproc_per_node={nproc_per_node} "
+        f"{pin}python3 -u -m torch.distributed.run --nnodes=1 --nproc_per_node={nproc_per_node} "
         f"--master_addr=127.0.0.1 --master_port={master_port} --log-dir=/dev/null"
     )
 
@@ -183,7 +202,8 @@ class QuickFedAvgRecipe(FedAvgRecipe):
         )
 
 
-def build_recipe(args: argparse.Namespace):
+def build_recipe(args: argparse.Namespace, gpu_blocks: list[list[str]] | None = None):
+    """The job. gpu_blocks: each site's GPUs on this machine, for a local run; None leaves them to each site."""
     sites = site_names(args.n_clients)
     recipe = QuickFedAvgRecipe(
         name=JOB_NAME,
@@ -202,7 +222,9 @@ def build_recipe(args: argparse.Namespace):
         recipe,
         {
             site: {
-                "command": site_command(args.nproc_per_node, args.master_port and args.master_port + i),
+                "command": site_command(
+                    args.nproc_per_node[i], args.master_port and args.master_port + i, gpu_blocks and gpu_blocks[i]
+                ),
                 "train_args": f"{train_args(args)} --site {site} --sites {','.join(sites)}",
             }
             for i, site in enumerate(sites)
@@ -246,10 +268,10 @@ def port_in_use(number: int) -> bool:
     return False
 
 
-def threads_per_rank(n_clients: int, nproc_per_node: int, cpus: int) -> int:
-    """CPU threads for each rank of a run on this machine. torchrun sets 1 only for 2+ ranks a site; with one
+def threads_per_rank(ranks: int, cpus: int) -> int:
+    """CPU threads for each of a run's `ranks` on this machine. torchrun sets 1 only for 2+ ranks a site; with one
     rank a site, every rank would take all the cores, and 3 sites on 2 cores ran rounds up to 10x slower."""
-    return max(1, cpus // (n_clients * nproc_per_node))
+    return max(1, cpus // ranks)
 
 
 def preflight(args: argparse.Namespace) -> str | None:
@@ -275,9 +297,16 @@ def main() -> int:
         except ValueError as e:
             print(f"ERROR: --initial_model: {e}; give the FL_global_model.pt of an earlier run", file=sys.stderr)
             return 2
-    if args.env != "prod" and not (args.export_config or NVFLARE_EXPORT):
+    local = args.env != "prod" and not (args.export_config or NVFLARE_EXPORT)  # every site on this machine
+    gpus = visible_gpus() if local else []
+    if args.nproc_per_node is None:
+        args.nproc_per_node = [default_ranks(len(gpus), args.n_clients)] * args.n_clients
+        if gpus:
+            print(f"{len(gpus)} GPU(s) visible: {args.nproc_per_node[0]} rank(s) a site (--nproc_per_node not given)")
+    blocks = gpu_blocks(gpus, args.nproc_per_node) if gpus else None
+    if local:
         args.data_root = os.path.abspath(args.data_root)  # the sites run in folders of their own
-    recipe = build_recipe(args)
+    recipe = build_recipe(args, blocks)
     if args.export_config:
         try:
             recipe.export(EXPORT_DIR)
@@ -304,13 +333,17 @@ def main() -> int:
     os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
     if args.env != "prod":  # every site's ranks share this machine's cores; a user's own setting wins
         cpus = len(os.sched_getaffinity(0))
-        os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_rank(args.n_clients, args.nproc_per_node, cpus)))
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_rank(sum(args.nproc_per_node), cpus)))
         # torchrun_node (--slurm_nodes) has no --log-dir; this keeps torchrun from leaving a /tmp/torchelastic_*.
         os.environ.setdefault("PET_LOG_DIR", "/dev/null")
         # Every site is on this machine: the ranks' process groups listen on loopback, not on the address the
         # hostname resolves to. (torchrun's own store listens on every interface; README, "Security".)
         for variable in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
             os.environ.setdefault(variable, "lo")
+    if local:
+        sites = site_names(args.n_clients)
+        for line in plan_lines(sites, args.nproc_per_node, blocks or [[] for _ in sites], len(gpus)):
+            print(line)
     if args.env == "sim":
         return run_in_simulator(recipe, args)
     return run_on_system(recipe, args)

@@ -12,6 +12,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from data import epoch_batches  # noqa: E402
+from protocol import TRAINING_FLAGS  # noqa: E402
 from results import JOB_NAME, log_times, metric, read_rounds  # noqa: E402
 
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -131,6 +133,13 @@ def assert_learns(rounds: list[dict]) -> None:
     """Global accuracy climbs well above chance (0.1) over the rounds."""
     first, last = (metric(r["aggregated_metrics"], "accuracy") for r in (rounds[0], rounds[-1]))
     assert last > 0.5 and last > first + 0.3, (first, last)
+
+
+def site_steps(shard: int, world_size: int) -> int:
+    """Optimizer steps a site reports for a round, and so its FedAvg weight: every rank's batches of every local
+    epoch (at the defaults)."""
+    epochs, batch_size = (TRAINING_FLAGS[name]["default"] for name in ("epochs", "batch_size"))
+    return world_size * epochs * len(epoch_batches(shard, 0, world_size, batch_size, epoch=0, seed=0))
 
 
 def assert_clean(workspace: str) -> None:

@@ -153,8 +153,9 @@ def test_empty_data_root_fails_fast_naming_prepare_data(tmp_path):
     assert "prepare_data.sh" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_export_config_writes_one_app_per_site_with_its_own_port():
-    result = run_job("--export_config", "--nproc_per_node", "3")
+def test_export_config_writes_one_app_per_site_with_its_own_port_and_rank_count():
+    # GPUs visible to job.py: a local run would pin them, the job for a real system must not.
+    result = run_job("--export_config", "--nproc_per_node", "3,2", CUDA_VISIBLE_DEVICES="0,1,2,3,4")
     assert result.returncode == 0, result.stderr[-3000:]
     job_dir = f"/tmp/nvflare/jobs/job_config/{JOB_NAME}"
     assert job_dir in result.stdout
@@ -163,12 +164,15 @@ def test_export_config_writes_one_app_per_site_with_its_own_port():
     deploy_map = meta["deploy_map"]
     assert "launcher_spec" not in meta  # that is for sites on several nodes (--slurm_nodes)
     ports = set()
-    for site in ("site-1", "site-2"):
+    for site, ranks in (("site-1", 3), ("site-2", 2)):
         config = glob.glob(os.path.join(job_dir, "**", f"*{site}*", "config", "config_fed_client.json"), recursive=True)
         assert len(config) == 1, deploy_map
         with open(config[0]) as f:
             command = json.load(f)["executors"][0]["executor"]["args"]["command"]
-        assert command[:4] == ["python3", "-u", "-m", "torch.distributed.run"] and "--nproc_per_node=3" in command
+        assert (
+            command[:4] == ["python3", "-u", "-m", "torch.distributed.run"] and f"--nproc_per_node={ranks}" in command
+        )
+        assert not any("CUDA_VISIBLE_DEVICES" in part for part in command)
         assert f"--site {site}" in " ".join(command)
         ports |= {part for part in command if part.startswith("--master_port=")}
         custom = os.path.join(os.path.dirname(os.path.dirname(config[0])), "custom")
@@ -203,9 +207,9 @@ def test_bad_arguments_get_a_one_line_usage_error(bad):
 def test_ranks_of_a_local_run_share_the_cores():
     from job import threads_per_rank
 
-    assert threads_per_rank(n_clients=3, nproc_per_node=1, cpus=2) == 1  # 3 single-rank sites on 2 cores
-    assert threads_per_rank(n_clients=2, nproc_per_node=1, cpus=16) == 8
-    assert threads_per_rank(n_clients=2, nproc_per_node=2, cpus=2) == 1  # what torchrun sets for 2+ ranks anyway
+    assert threads_per_rank(ranks=3, cpus=2) == 1  # 3 single-rank sites on 2 cores
+    assert threads_per_rank(ranks=2, cpus=16) == 8
+    assert threads_per_rank(ranks=4, cpus=2) == 1  # what torchrun sets for 2+ ranks a site anyway
 
 
 def test_more_min_clients_than_sites_is_refused():
@@ -366,7 +370,7 @@ def test_a_local_run_listens_on_loopback_only_but_for_torchruns_store(synthetic_
     workspace = str(tmp_path / "ws")
     job = subprocess.Popen(
         ["unshare", "--net", "--mount", "sh", "-c", setup, "sh", sys.executable, os.path.join(ROOT, "job.py"),
-         "--num_rounds", "3", "--data_root", synthetic_root, "--workspace", workspace, "--master_port", "7870"],
+         "--num_rounds", "3", "--data_root", synthetic_root, "--workspace", workspace, "--master_port", "7875"],
         cwd=ROOT, env=venv_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -376,8 +380,8 @@ def test_a_local_run_listens_on_loopback_only_but_for_torchruns_store(synthetic_
     finally:
         job.kill()
     assert job.returncode == 0, stdout[-3000:] + stderr[-3000:]
-    assert any(port not in (7870, 7871) for _, port in listening)  # the ranks' and NVFlare's own were seen
+    assert any(port not in (7875, 7876) for _, port in listening)  # the ranks' and NVFlare's own were seen
     assert {(address, port) for address, port in listening if not is_loopback(address)} == {
-        ("::", 7870),
-        ("::", 7871),
+        ("::", 7875),
+        ("::", 7876),
     }

@@ -26,9 +26,17 @@ from nvflare.app_opt.job_launcher.slurm.launcher import _resolve_additional_node
 from nvflare.private.fed.server.job_meta_validator import JobMetaValidator
 from nvflare.utils.job_launcher_utils import get_job_launcher_spec
 
-from conftest import POC_PROJECT, ROOT, assert_learns, nvflare, poc_system, processes_left, run_job, venv_env
-from data import epoch_batches
-from protocol import TRAINING_FLAGS
+from conftest import (
+    POC_PROJECT,
+    ROOT,
+    assert_learns,
+    nvflare,
+    poc_system,
+    processes_left,
+    run_job,
+    site_steps,
+    venv_env,
+)
 from results import JOB_NAME, read_rounds
 
 NODE_GROUP = {"NVFL_NNODES": "2", "NVFL_MASTER_ADDR": "127.0.0.1", "NVFL_MASTER_PORT": "7870", "NVFL_RUN_ID": "1"}
@@ -95,7 +103,7 @@ def test_with_slurm_flags_each_node_runs_gpus_per_node_ranks():
     from job import parse_args
 
     args = parse_args(["--slurm_nodes", "2", "--slurm_gpus_per_node", "8"])
-    assert (args.nproc_per_node, args.master_port) == (8, None)
+    assert (args.nproc_per_node, args.master_port) == ([8, 8], None)
 
 
 @pytest.fixture(scope="module")
@@ -173,12 +181,6 @@ def run_two_node_job(admin_kit: str, data_root: str, tmp_path, **node_1_env) -> 
         run[name] = f.read()
         f.close()
     return run
-
-
-def site_steps(shard: int, world_size: int) -> int:
-    """Optimizer steps a site reports for a round: every rank's batches of every local epoch (at the defaults)."""
-    epochs, batch_size = (TRAINING_FLAGS[name]["default"] for name in ("epochs", "batch_size"))
-    return world_size * epochs * len(epoch_batches(shard, 0, world_size, batch_size, epoch=0, seed=0))
 
 
 def test_a_site_on_two_nodes_trains_over_both(poc, synthetic_root, tmp_path):

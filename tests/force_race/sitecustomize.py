@@ -4,12 +4,15 @@ With this folder on PYTHONPATH, a simulator process holds each client thread's f
 both threads have written their client's name into `build_ctx`, and only then lets them send. NVFlare 2.9.0's
 simulator, unfixed, then sends both workers the same name: the mix-up happens on every run, not by chance."""
 
+import os
 import sys
 import threading
 
 SIMULATORS = ("race_free_simulator.py", "nvflare.private.fed.app.simulator.simulator")
+argv = sys.orig_argv
+nvflare_cli = "simulator" in argv and any(os.path.basename(arg) == "nvflare" for arg in argv)
 
-if any(arg.endswith(SIMULATORS) for arg in sys.orig_argv):
+if nvflare_cli or any(arg.endswith(SIMULATORS) for arg in argv):
     from nvflare.private.fed.app.simulator.simulator_runner import SimulatorClientRunner
 
     both_named = threading.Barrier(2, timeout=60)
