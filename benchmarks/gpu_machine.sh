@@ -11,8 +11,8 @@ OUT=${OUT:-/tmp/gpu_machine}
 limit=${1:-420}
 mkdir -p "$OUT"
 if ! python3 -c "import nvflare" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir .whl/*.whl >"$OUT/install.log" 2>&1 \
-    || { tail -20 "$OUT/install.log"; exit 1; }
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir .whl/*.whl >/tmp/install.log 2>&1 \
+    || { tail -20 /tmp/install.log; exit 1; }
 fi
 {
   date -u
