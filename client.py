@@ -111,26 +111,6 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
     return (counts[0] / counts[1]).item()
 
 
-def inject_fault(site: str, phase: str) -> None:
-    """For tests only: DDP_EXAMPLE_FAULT=SITE:RANK:PHASE:KIND makes that rank fail when it reaches PHASE:
-    `start` (before the handshake), a round number (when that round's task arrives) or `eval` (the final
-    evaluation). KIND is kill (SIGKILL this rank), raise (an exception), stop (SIGSTOP this rank: it hangs)
-    or kill_torchrun (SIGKILL the site's torchrun). Several faults: comma-separated."""
-    faults = [spec.split(":") for spec in os.environ.get("DDP_EXAMPLE_FAULT", "").split(",") if spec]
-    kind = next((k for s, r, p, k in faults if (s, int(r), p) == (site, dist.get_rank(), phase)), None)
-    if kind is None:
-        return
-    print(f"{site} rank {dist.get_rank()}: injecting fault '{kind}' at {phase}", flush=True)
-    if kind == "raise":
-        raise RuntimeError("injected fault")
-    signals = {
-        "kill": (os.getpid(), signal.SIGKILL),
-        "stop": (os.getpid(), signal.SIGSTOP),
-        "kill_torchrun": (os.getppid(), signal.SIGKILL),
-    }
-    os.kill(*signals[kind])
-
-
 def train(
     ddp: DDP,
     images: torch.Tensor,
@@ -212,7 +192,6 @@ def run_site(args, device: torch.device) -> None:
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     control = dist.new_group(backend="gloo", timeout=TASK_WAIT)
     warm_up(ddp, train_x, train_y, test_x, test_y, args)
-    inject_fault(args.site, "start")
 
     # (1) init: only global rank 0 talks to the server. The other ranks, on this node or on other nodes of the
     # site, never touch NVFlare: they get every task from rank 0 through broadcast_task.
@@ -228,7 +207,6 @@ def run_site(args, device: torch.device) -> None:
         task, current_round = broadcast_task(model, task, current_round, control)
         if task == STOP:
             break
-        inject_fault(args.site, "eval" if task == EVALUATE else str(current_round))
 
         # (3) evaluate the global model as received: this drives NVFlare's best-model selection.
         global_accuracy = evaluate(model, test_x, test_y)

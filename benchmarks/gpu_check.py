@@ -1,4 +1,4 @@
-"""One short run on a GPU machine: the client's CUDA/NCCL path measured against the targets of issue 10, side
+"""One short run on a GPU machine: the client's CUDA/NCCL path measured against its speed targets, side
 by side with the seed's data path, in one run. Prints a table with the device, and exits non-zero when CUDA or
 NCCL is not what ran or when any target is missed.
 

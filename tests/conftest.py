@@ -23,16 +23,22 @@ POC_PROJECT = os.path.join(POC_WORKSPACE, "example_project", "prod_00")  # a fol
 ADMIN_KIT = os.path.join(POC_PROJECT, "admin@nvidia.com")
 
 
+INJECT_FAULT = os.path.join(ROOT, "tests", "inject_fault")  # read its sitecustomize.py for DDP_EXAMPLE_FAULT
+
+
 def venv_env(gpus: bool = False, **extra) -> dict:
     """The environment a user has after activating the venv: its bin first on PATH.
 
     The processes a test starts see no GPU unless it asks for them: the tests of the CPU path make
-    that path happen on any machine, with or without GPUs."""
+    that path happen on any machine, with or without GPUs. With DDP_EXAMPLE_FAULT, the trainers
+    fail on cue (tests/inject_fault)."""
     env = dict(os.environ)
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     if not gpus:
         env["CUDA_VISIBLE_DEVICES"] = ""
     env.update(extra)
+    if env.get("DDP_EXAMPLE_FAULT"):
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [INJECT_FAULT, env.get("PYTHONPATH")]))
     return env
 
 

@@ -2,10 +2,10 @@
 phase, keep the last complete global model, and leave no process behind. So must a stuck rank, and
 a SIGTERM or Ctrl-C to job.py itself.
 
-client.py reads a test-only switch, DDP_EXAMPLE_FAULT=SITE:RANK:PHASE:KIND. PHASE is `start` (after
-torchrun started, before the handshake), a round number, or `eval` (the final evaluation); KIND is
-kill (SIGKILL that rank), raise (an exception), stop (SIGSTOP: the rank hangs) or kill_torchrun
-(SIGKILL the site's torchrun). Several faults are comma-separated.
+The faults come from outside the trainer: with DDP_EXAMPLE_FAULT=SITE:RANK:PHASE:KIND set, tests/inject_fault's
+sitecustomize makes that rank fail. PHASE is `start` (after torchrun started, before the handshake), a round number,
+or `eval` (the final evaluation); KIND is kill (SIGKILL that rank), raise (an exception), stop (SIGSTOP: the rank
+hangs) or kill_torchrun (SIGKILL the site's torchrun). Several faults are comma-separated.
 """
 
 import os

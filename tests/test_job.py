@@ -31,6 +31,22 @@ from model import Net, load_global_model
 from results import JOB_NAME, metric, read_final_scores
 
 
+def job_main(monkeypatch, capsys, *args, **env) -> tuple[int, str, str]:
+    """`python job.py ARGS` in this process, for what ends before any process starts: (exit code, stdout, stderr)."""
+    import job
+
+    monkeypatch.setattr(sys, "argv", ["job.py", *args])
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # as venv_env: no GPU unless a test asks for one
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    try:
+        code = job.main()
+    except SystemExit as e:  # argparse's usage errors
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 @pytest.fixture(scope="module")
 def default_run(synthetic_root, tmp_path_factory):
     workspace = str(tmp_path_factory.mktemp("sim"))
@@ -145,20 +161,21 @@ def test_tracking_with_three_sites_logs_per_site_scalars(synthetic_root, tmp_pat
     assert_clean(workspace)
 
 
-def test_empty_data_root_fails_fast_naming_prepare_data(tmp_path):
-    started = time.monotonic()
-    result = run_job("--data_root", str(tmp_path), "--workspace", str(tmp_path / "ws"), timeout=180)
-    assert result.returncode != 0
-    assert time.monotonic() - started < 120
-    assert "prepare_data.sh" in result.stderr and "Traceback" not in result.stderr
+def test_empty_data_root_fails_fast_naming_prepare_data(tmp_path, monkeypatch, capsys):
+    code, _, err = job_main(monkeypatch, capsys, "--data_root", str(tmp_path), "--workspace", str(tmp_path / "ws"))
+    assert code == 2 and "prepare_data.sh" in err and "Traceback" not in err
 
 
-def test_export_config_writes_one_app_per_site_with_its_own_port_and_rank_count():
+def test_export_config_writes_one_app_per_site_with_its_own_port_and_rank_count(tmp_path, monkeypatch, capsys):
+    import job
+
+    monkeypatch.setattr(job, "EXPORT_DIR", str(tmp_path))  # not the user's /tmp/nvflare/jobs/job_config
     # GPUs visible to job.py: a local run would pin them, the job for a real system must not.
-    result = run_job("--export_config", "--nproc_per_node", "3,2", CUDA_VISIBLE_DEVICES="0,1,2,3,4")
-    assert result.returncode == 0, result.stderr[-3000:]
-    job_dir = f"/tmp/nvflare/jobs/job_config/{JOB_NAME}"
-    assert job_dir in result.stdout
+    code, out, err = job_main(monkeypatch, capsys, "--export_config", "--nproc_per_node", "3,2",
+                              CUDA_VISIBLE_DEVICES="0,1,2,3,4")  # fmt: skip
+    assert code == 0, err[-3000:]
+    job_dir = os.path.join(tmp_path, JOB_NAME)
+    assert f"job folder written to {job_dir}" in out
     with open(os.path.join(job_dir, "meta.json")) as f:
         meta = json.load(f)
     deploy_map = meta["deploy_map"]
@@ -198,10 +215,10 @@ def test_nvflare_export_flag_still_works(tmp_path):
         ["--seed", "-1"],
     ],
 )
-def test_bad_arguments_get_a_one_line_usage_error(bad):
-    result = run_job(*bad, timeout=120)
-    assert result.returncode == 2
-    assert "error: argument " + bad[0] in result.stderr and "Traceback" not in result.stderr
+def test_bad_arguments_get_a_one_line_usage_error(bad, monkeypatch, capsys):
+    code, _, err = job_main(monkeypatch, capsys, *bad)
+    assert code == 2
+    assert "error: argument " + bad[0] in err and "Traceback" not in err
 
 
 def test_ranks_of_a_local_run_share_the_cores():
@@ -212,19 +229,19 @@ def test_ranks_of_a_local_run_share_the_cores():
     assert threads_per_rank(ranks=4, cpus=2) == 1  # what torchrun sets for 2+ ranks a site anyway
 
 
-def test_more_min_clients_than_sites_is_refused():
-    result = run_job("--n_clients", "2", "--min_clients", "3", timeout=120)
-    assert result.returncode == 2
-    assert "error: --min_clients 3 is more than --n_clients 2" in result.stderr and "Traceback" not in result.stderr
+def test_more_min_clients_than_sites_is_refused(monkeypatch, capsys):
+    code, _, err = job_main(monkeypatch, capsys, "--n_clients", "2", "--min_clients", "3")
+    assert code == 2
+    assert "error: --min_clients 3 is more than --n_clients 2" in err and "Traceback" not in err
 
 
-def test_missing_batch_file_is_named_before_anything_starts(synthetic_root, tmp_path):
+def test_missing_batch_file_is_named_before_anything_starts(synthetic_root, tmp_path, monkeypatch, capsys):
     root = tmp_path / "data"
     shutil.copytree(synthetic_root, root)
     os.remove(root / "cifar-10-batches-py" / "data_batch_4")
-    result = run_job("--data_root", str(root), "--workspace", str(tmp_path / "ws"), timeout=120)
-    assert result.returncode == 2
-    assert "missing data_batch_4" in result.stderr and "prepare_data.sh" in result.stderr
+    code, _, err = job_main(monkeypatch, capsys, "--data_root", str(root), "--workspace", str(tmp_path / "ws"))
+    assert code == 2
+    assert "missing data_batch_4" in err and "prepare_data.sh" in err
 
 
 def test_corrupt_batch_stops_the_job_naming_the_file(synthetic_root, tmp_path):
@@ -242,16 +259,17 @@ def test_corrupt_batch_stops_the_job_naming_the_file(synthetic_root, tmp_path):
     assert processes_of(str(tmp_path)) == []
 
 
-def test_taken_master_port_is_named(synthetic_root, tmp_path):
+def test_taken_master_port_is_named(synthetic_root, tmp_path, monkeypatch, capsys):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = run_job(
-            "--data_root", synthetic_root, "--workspace", str(tmp_path), "--master_port", str(port - 1), timeout=120
-        )
-    assert result.returncode == 2
-    assert f"port {port} (site-2's torchrun master port) is in use" in result.stderr
+        code, _, err = job_main(
+            monkeypatch, capsys, "--data_root", synthetic_root, "--workspace", str(tmp_path), "--master_port",
+            str(port - 1),
+        )  # fmt: skip
+    assert code == 2
+    assert f"port {port} (site-2's torchrun master port) is in use" in err
 
 
 def test_export_into_unwritable_folder_is_one_clear_line(tmp_path):
@@ -319,12 +337,12 @@ def _wrong_shapes(path):
         (lambda path: torch.save({"model": WritesMarker(str(path) + ".ran")}, path), "holds more than tensors"),
     ],
 )
-def test_initial_model_that_is_not_a_net_is_refused_before_anything_starts(write, why, tmp_path):
+def test_initial_model_that_is_not_a_net_is_refused_before_anything_starts(write, why, tmp_path, monkeypatch, capsys):
     path = tmp_path / "model.pt"
     write(path)
-    result = run_job("--initial_model", str(path), "--workspace", str(tmp_path / "ws"), timeout=120)
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
+    code, _, err = job_main(monkeypatch, capsys, "--initial_model", str(path), "--workspace", str(tmp_path / "ws"))
+    assert code == 2
+    lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"ERROR: --initial_model: {path} ") and why in lines[0], lines
     assert not os.path.exists(tmp_path / "ws") and not os.path.exists(str(path) + ".ran")
 

@@ -1,0 +1,58 @@
+"""For tests: makes a rank of the trainer fail on cue, from outside client.py (the shipped trainer reads no switch).
+
+With this folder on PYTHONPATH (conftest.venv_env puts it there whenever a test sets DDP_EXAMPLE_FAULT), a process
+that runs client.py imports it as a module, wraps two of its functions, and then runs its main().
+
+DDP_EXAMPLE_FAULT=SITE:RANK:PHASE:KIND, several comma-separated. That rank fails when it reaches PHASE: `start` (after
+its warm-up, before the handshake), a round number (when that round's task arrives), or `eval` (the final
+evaluation). KIND: kill (SIGKILL the rank), raise (an exception), stop (SIGSTOP the rank: it hangs) or kill_torchrun
+(SIGKILL the site's torchrun)."""
+
+import os
+import signal
+import sys
+
+FAULTS = [spec.split(":") for spec in os.environ.get("DDP_EXAMPLE_FAULT", "").split(",") if spec]
+SCRIPT = sys.argv[0] if sys.argv else ""
+
+
+def inject(site: str, rank: int, phase: str) -> None:
+    kind = next((k for s, r, p, k in FAULTS if (s, int(r), p) == (site, rank, phase)), None)
+    if kind is None:
+        return
+    print(f"{site} rank {rank}: injecting fault '{kind}' at {phase}", flush=True)
+    if kind == "raise":
+        raise RuntimeError("injected fault")
+    signals = {
+        "kill": (os.getpid(), signal.SIGKILL),
+        "stop": (os.getpid(), signal.SIGSTOP),
+        "kill_torchrun": (os.getppid(), signal.SIGKILL),
+    }
+    os.kill(*signals[kind])
+
+
+def run_client_with_faults() -> None:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(SCRIPT)))
+    import torch.distributed as dist
+
+    import client
+
+    site = client.parse_args(sys.argv[1:]).site
+    warm_up, broadcast_task = client.warm_up, client.broadcast_task
+
+    def warm_up_then_fail(*args, **kwargs):
+        warm_up(*args, **kwargs)
+        inject(site, dist.get_rank(), "start")
+
+    def broadcast_task_then_fail(*args, **kwargs):
+        task, current_round = broadcast_task(*args, **kwargs)
+        if task != client.STOP:
+            inject(site, dist.get_rank(), "eval" if task == client.EVALUATE else str(current_round))
+        return task, current_round
+
+    client.warm_up, client.broadcast_task = warm_up_then_fail, broadcast_task_then_fail
+    client.main()
+
+
+if FAULTS and os.path.basename(SCRIPT) == "client.py":
+    run_client_with_faults()
