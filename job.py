@@ -10,6 +10,7 @@ import shutil
 import signal
 import socket
 import sys
+import threading
 import time
 
 # Importing nvflare.recipe takes NVFlare's own --export / --export-dir out of sys.argv; note them first.
@@ -34,7 +35,8 @@ from gpu_plan import default_ranks, gpu_blocks, plan_lines, visible_gpus
 from model import Net, load_global_model
 from protocol import add_training_flags, positive_int, train_args
 from race_free_simulator import SimEnv as RaceFreeSimEnv
-from results import JOB_NAME, summarize
+from race_free_simulator import console_log
+from results import JOB_NAME, follow_rounds, summarize
 from tolerant_fedavg import LiveSitesEvaluation, TolerantFedAvg
 from watchdog import Watchdog
 
@@ -112,6 +114,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "through --startup_kit",
     )
     p.add_argument("--startup_kit", help="admin startup kit folder of the system to submit to (--env prod)")
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="--env sim: show NVFlare's console output as it comes, not only its warnings and errors (it is always "
+        "kept in a file, named when the run starts)",
+    )
     p.add_argument(
         "--workspace",
         default="/tmp/nvflare/simulation",
@@ -340,6 +348,12 @@ def main() -> int:
         # hostname resolves to. (torchrun's own store listens on every interface; README, "Security".)
         for variable in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
             os.environ.setdefault(variable, "lo")
+    if args.env == "sim":
+        workspace = os.path.join(args.workspace, JOB_NAME)
+        print(
+            f"NVFlare's logs: {workspace}/server/log.txt and {workspace}/<site>/log.txt; its console output: "
+            f"{console_log(args.workspace, JOB_NAME)}" + ("" if args.verbose else " (--verbose shows it here)")
+        )
     if local:
         sites = site_names(args.n_clients)
         for line in plan_lines(sites, args.nproc_per_node, blocks or [[] for _ in sites], len(gpus)):
@@ -351,16 +365,21 @@ def main() -> int:
 
 def run_in_simulator(recipe, args: argparse.Namespace) -> int:
     sites = site_names(args.n_clients)
-    env = RaceFreeSimEnv(clients=sites, workspace_root=args.workspace)
+    env = RaceFreeSimEnv(clients=sites, workspace_root=args.workspace, quiet=not args.verbose)
     workspace = os.path.join(args.workspace, JOB_NAME)
+    server_dir = os.path.join(workspace, "server", "simulate_job")
+    done = threading.Event()
+    threading.Thread(target=follow_rounds, args=(server_dir, args.num_rounds, done), daemon=True).start()
     with Watchdog(workspace, sites) as watchdog:
         try:
             recipe.execute(env)
         except RuntimeError:  # the simulator failed; the summary says which site and why
             pass
+        finally:
+            done.set()
     stopped_by = signal_name(watchdog.signum)
     code = summarize(
-        os.path.join(workspace, "server", "simulate_job"),
+        server_dir,
         os.path.join(workspace, "server", "log.txt"),
         sites,
         args.num_rounds,

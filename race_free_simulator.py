@@ -16,6 +16,7 @@ job.py's `--env sim` runs the job through it (`SimEnv` below)."""
 
 import inspect
 import os
+import re
 import runpy
 import subprocess
 import sys
@@ -81,8 +82,23 @@ def patch_simulator() -> bool:
     return True
 
 
+def console_log(workspace_root: str, job_name: str) -> str:
+    """Where SimEnv keeps the simulator's console output: beside the job's workspace, which the simulator clears."""
+    return os.path.join(workspace_root, f"{job_name}.console.log")
+
+
+# NVFlare's log lines that a quiet run still shows.
+LOUD = re.compile(r" - (WARNING|ERROR|CRITICAL) - ")
+
+
 class SimEnv(NVFlareSimEnv):
-    """NVFlare's SimEnv, which runs the job through this module instead of NVFlare's simulator CLI."""
+    """NVFlare's SimEnv, which runs the job through this module instead of NVFlare's simulator CLI. Quiet (the
+    default): the simulator's console output goes to console_log(), and only its warnings and errors reach
+    stderr; NVFlare's own logs are in the workspace either way."""
+
+    def __init__(self, *, quiet: bool = True, **kwargs):
+        super().__init__(**kwargs)
+        self.quiet = quiet
 
     def deploy(self, job) -> str:
         workspace = os.path.join(self.workspace_root, job.name)
@@ -93,11 +109,35 @@ class SimEnv(NVFlareSimEnv):
             command += ["-c", ",".join(self.clients), "-t", str(self.num_threads)]
             command += ["-gpu", self.gpu_config] if self.gpu_config else []
             command += ["-l", self.log_config] if self.log_config else []
-            # In a session of its own, as NVFlare's SimEnv starts it: a Ctrl-C reaches job.py alone.
-            code = subprocess.run(command, start_new_session=True).returncode
+            code = self._run(command, console_log(self.workspace_root, job.name))
         if code != 0:
             raise RuntimeError(f"the simulator exited with code {code}; logs under {workspace}")
         return job.name
+
+    def _run(self, command: list[str], log_path: str) -> int:
+        with open(log_path, "w") as log:
+            # In a session of its own, as NVFlare's SimEnv starts it: a Ctrl-C reaches job.py alone.
+            process = subprocess.Popen(
+                command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+                start_new_session=True,
+            )  # fmt: skip
+            copier = threading.Thread(target=self._copy, args=(process.stdout, log), daemon=True)
+            copier.start()
+            try:
+                process.wait()
+            finally:  # when job.py is stopped, no wait for a simulator that would go on
+                process.kill()
+            copier.join(timeout=5)  # a process that outlives the simulator may hold the pipe; job.py ends those
+        return process.returncode
+
+    def _copy(self, stream, log) -> None:
+        try:
+            for line in stream:
+                log.write(line)
+                if not self.quiet or LOUD.search(line):
+                    sys.stderr.write(line)
+        except ValueError:  # the log was closed: the simulator has ended, and what is still writing is being ended
+            pass
 
 
 # Under `python race_free_simulator.py`, and in a child that multiprocessing spawns, which imports the main script

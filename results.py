@@ -7,6 +7,8 @@ import os
 import re
 import signal
 import sys
+import threading
+import time
 from datetime import datetime
 
 from protocol import ERROR, STOPPING, rank_line_pattern
@@ -80,6 +82,33 @@ def back_to_chance(losses: list[float]) -> bool:
     """Whether the training loss climbed back near chance (90% of it) after it had fallen below two thirds of it."""
     learned = [r for r, loss in enumerate(losses) if loss < 2 / 3 * CHANCE_LOSS]
     return bool(learned) and any(loss > 0.9 * CHANCE_LOSS for loss in losses[learned[0] :])
+
+
+def follow_rounds(server_dir: str, num_rounds: int, done: threading.Event, poll: float = 0.5) -> None:
+    """Print a line as each round of a running job finishes, until `done` is set."""
+    path = os.path.join(server_dir, "metrics", "round_metrics.jsonl")
+    started = last = time.time()  # a file older than this is a previous run's, before the simulator clears it
+    shown = 0
+    while not done.wait(poll):
+        try:
+            if os.stat(path).st_mtime < started:
+                continue
+            rounds = read_rounds(server_dir)
+        except (OSError, ValueError):  # not there yet, or a line half written
+            continue
+        for r in rounds[shown:]:
+            now, m = time.time(), r["aggregated_metrics"]
+            left = num_rounds - r["round"] - 1
+            # Round 0 holds the start-up: only later rounds tell how long the rest will take.
+            eta = f", about {left * (now - last):.0f} s" if r["round"] else ""
+            what_next = f"{left} round(s) left{eta}" if left else "final evaluation next"
+            print(
+                f"round {r['round']}: global accuracy {metric(m, 'accuracy'):.4f}, train loss "
+                f"{metric(m, 'train_loss'):.4f}, {now - last:.1f} s; {what_next}",
+                flush=True,
+            )
+            last = now
+        shown = len(rounds)
 
 
 def log_times(path: str, text: str) -> list[float]:
@@ -205,16 +234,10 @@ def summarize(
     rounds = read_rounds(server_dir)
     times = round_wall_times(server_log)
     if rounds:
-        print("round  global accuracy  mean train loss  round time (s)  global accuracy as each site measured it")
+        print("round  global accuracy  mean train loss  round time (s)")
     for r, seconds in zip(rounds, times + [float("nan")] * len(rounds)):
         m = r["aggregated_metrics"]
-        by_site = ", ".join(
-            f"{s['name']} {metric(s['metrics'], 'accuracy'):.4f}" for s in sorted(r["sites"], key=lambda s: s["name"])
-        )
-        print(
-            f"{r['round']:>5}  {metric(m, 'accuracy'):>15.4f}  {metric(m, 'train_loss'):>15.4f}  {seconds:>14.1f}  "
-            f"{by_site}"
-        )
+        print(f"{r['round']:>5}  {metric(m, 'accuracy'):>15.4f}  {metric(m, 'train_loss'):>15.4f}  {seconds:>14.1f}")
     min_clients = min_clients or len(sites)
     complete = [r for r in rounds if len(r["sites"]) >= min_clients]
     dropped = dropouts(rounds, sites) if min_clients < len(sites) else {}
@@ -232,16 +255,18 @@ def summarize(
         )
     shards = {s["name"]: int(metric(s["metrics"], "shard_size")) for r in rounds for s in r["sites"]}
     print("training shards: " + ", ".join(f"{name} {shards[name]}" for name in sites if name in shards))
-    print("(global accuracy: the test accuracy of the global model each site received at the start of the round)")
+    print("(global accuracy in round R: the test accuracy of the global model that round R started from)")
 
     app_dir = os.path.join(server_dir, "app_server")
     best = max(rounds, key=lambda r: metric(r["aggregated_metrics"], "accuracy"))
+    made = f"after round {best['round'] - 1}" if best["round"] else "the initial model"
     print(
-        f"best global model: round {best['round']}, accuracy {metric(best['aggregated_metrics'], 'accuracy'):.4f}: "
-        f"{os.path.join(app_dir, 'best_FL_global_model.pt')}"
+        f"best global model: {made} (the one round {best['round']} started from), accuracy "
+        f"{metric(best['aggregated_metrics'], 'accuracy'):.4f}: {os.path.join(app_dir, 'best_FL_global_model.pt')}"
     )
-    final = f"accuracy {sum(final_scores.values()) / len(final_scores):.4f}"
+    final = sum(final_scores.values()) / len(final_scores)
     print(
-        f"final global model: after round {rounds[-1]['round']}, {final}: {os.path.join(app_dir, 'FL_global_model.pt')}"
+        f"final global model: after round {rounds[-1]['round']}, accuracy {final:.4f}: "
+        f"{os.path.join(app_dir, 'FL_global_model.pt')}"
     )
     return 0

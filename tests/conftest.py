@@ -16,6 +16,13 @@ from data import epoch_batches  # noqa: E402
 from protocol import TRAINING_FLAGS  # noqa: E402
 from results import JOB_NAME, log_times, metric, read_rounds  # noqa: E402
 
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "e2e: a real run of job.py or of NVFlare's CLI (the full tier; `-m 'not e2e'` leaves them out)"
+    )
+
+
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 NVFLARE = os.path.join(os.path.dirname(sys.executable), "nvflare")
 POC_WORKSPACE = "/tmp/nvflare/poc"

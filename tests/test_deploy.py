@@ -26,6 +26,8 @@ from conftest import (
 from model import load_global_model
 from results import JOB_NAME, log_times
 
+pytestmark = pytest.mark.e2e  # real runs of job.py or nvflare: the full tier only
+
 
 def export_job(synthetic_root: str, folder) -> str:
     result = run_job("--export", "--export-dir", str(folder), "--data_root", synthetic_root, timeout=120)

@@ -29,6 +29,8 @@ from conftest import (
 from model import load_global_model
 from results import JOB_NAME, log_times
 
+pytestmark = pytest.mark.e2e  # real runs of job.py or nvflare: the full tier only
+
 ROUNDS = 2
 PHASES = {  # PHASE: (how the summary names it, the round whose global model is kept)
     "start": ("during start-up", None),

@@ -10,7 +10,10 @@ import pytest
 from conftest import GPUS, assert_clean, assert_learns, processes_of, round_metrics, run_job
 from results import JOB_NAME, log_times
 
-pytestmark = pytest.mark.skipif(GPUS == 0, reason="no CUDA device is visible; the NCCL end-to-end runs need a GPU")
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(GPUS == 0, reason="no CUDA device is visible; the NCCL end-to-end runs need a GPU"),
+]
 
 
 def test_every_site_trains_on_its_own_gpus_with_nccl(synthetic_root, tmp_path):

@@ -64,6 +64,7 @@ def test_sites_of_different_sizes_get_blocks_of_their_own_sizes():
     assert plan(8, [2, 4])[0] == [["0", "1"], ["2", "3", "4", "5"]]
 
 
+@pytest.mark.e2e
 def test_each_rank_sees_its_own_sites_gpus(synthetic_root, tmp_path):
     workspace = str(tmp_path)
     result = run_job(
@@ -79,6 +80,7 @@ def test_each_rank_sees_its_own_sites_gpus(synthetic_root, tmp_path):
         assert seen == {("0", gpus), ("1", gpus)}
 
 
+@pytest.mark.e2e
 def test_sites_of_different_sizes_train_together(synthetic_root, tmp_path):
     workspace = str(tmp_path)
     result = run_job(

@@ -28,6 +28,7 @@ from conftest import (
 )
 from data import load_cifar10, normalize
 from model import Net, load_global_model
+from race_free_simulator import console_log
 from results import JOB_NAME, metric, read_final_scores
 
 
@@ -58,16 +59,29 @@ def default_run(synthetic_root, tmp_path_factory):
     return result, workspace, left_in_temp
 
 
+@pytest.mark.e2e
 def test_job_exits_zero_and_every_site_reports_every_round(default_run):
     result, workspace, _ = default_run
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rounds = round_metrics(workspace)
     assert [r["round"] for r in rounds] == [0, 1, 2]
     assert all(sorted(s["name"] for s in r["sites"]) == ["site-1", "site-2"] for r in rounds)
-    for line in ("round  global accuracy", "best global model: round", "final global model: after round 2"):
+    for line in ("round  global accuracy", "best global model: after round ", "final global model: after round 2"):
         assert line in result.stdout
 
 
+@pytest.mark.e2e
+def test_the_console_shows_a_line_a_round_and_nvflares_output_is_kept(default_run):
+    result, workspace, _ = default_run
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(f"NVFlare's logs: {workspace}/{JOB_NAME}/server/log.txt")
+    assert [line.split(":")[0] for line in lines if ": global accuracy " in line] == ["round 0", "round 1", "round 2"]
+    assert len(lines) < 20, result.stdout  # no NVFlare INFO line
+    with open(console_log(workspace, JOB_NAME)) as f:
+        assert "Round 2 started" in f.read()
+
+
+@pytest.mark.e2e
 def test_each_site_trains_with_two_gloo_ranks(default_run):
     _, workspace, _ = default_run
     for site in ("site-1", "site-2"):
@@ -77,6 +91,7 @@ def test_each_site_trains_with_two_gloo_ranks(default_run):
         assert f"{site}: SYNTHETIC stand-in shard of 5000 training images" in log
 
 
+@pytest.mark.e2e
 def test_global_accuracy_climbs_well_above_chance(default_run):
     _, workspace, _ = default_run
     assert_learns(round_metrics(workspace))
@@ -87,6 +102,7 @@ def per_round(workspace: str) -> list[tuple[float, float]]:
             for r in round_metrics(workspace)]  # fmt: skip
 
 
+@pytest.mark.e2e
 def test_the_same_seed_reproduces_every_round(default_run, synthetic_root, tmp_path):
     _, first, _ = default_run
     again = run_job(
@@ -96,6 +112,7 @@ def test_the_same_seed_reproduces_every_round(default_run, synthetic_root, tmp_p
     assert per_round(str(tmp_path)) == per_round(first)
 
 
+@pytest.mark.e2e
 def test_a_data_root_with_spaces_quotes_and_accents_reaches_every_rank(default_run, synthetic_root, tmp_path):
     _, plain, _ = default_run
     root = tmp_path / "my set's \u00fcber data"
@@ -108,6 +125,7 @@ def test_a_data_root_with_spaces_quotes_and_accents_reaches_every_rank(default_r
     assert per_round(workspace) == per_round(plain)  # the same data, so the same run as at a plain path
 
 
+@pytest.mark.e2e
 def test_global_models_load_into_net_and_best_is_the_best_round(default_run, synthetic_root):
     _, workspace, _ = default_run
     app = os.path.join(workspace, JOB_NAME, "server", "simulate_job", "app_server")
@@ -121,6 +139,7 @@ def test_global_models_load_into_net_and_best_is_the_best_round(default_run, syn
     )
 
 
+@pytest.mark.e2e
 def test_clean_run_leaves_no_traceback_no_error_and_no_process(default_run):
     _, workspace, left_in_temp = default_run
     assert_clean(workspace)
@@ -128,6 +147,7 @@ def test_clean_run_leaves_no_traceback_no_error_and_no_process(default_run):
     assert not glob.glob(os.path.join(workspace, "**", "*tfevents*"), recursive=True)  # no tracking asked for
 
 
+@pytest.mark.e2e
 def test_tracking_with_three_sites_logs_per_site_scalars(synthetic_root, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -244,6 +264,7 @@ def test_missing_batch_file_is_named_before_anything_starts(synthetic_root, tmp_
     assert "missing data_batch_4" in err and "prepare_data.sh" in err
 
 
+@pytest.mark.e2e
 def test_corrupt_batch_stops_the_job_naming_the_file(synthetic_root, tmp_path):
     root = tmp_path / "data"
     shutil.copytree(synthetic_root, root)
@@ -302,6 +323,7 @@ def accuracy_as_the_sites_measure(model, data_root: str, ranks: int = 2) -> floa
     return correct / len(test_y)
 
 
+@pytest.mark.e2e
 def test_a_crashed_run_resumes_from_its_kept_global_model(synthetic_root, tmp_path):
     crashed = run_job(
         "--num_rounds", "3", "--data_root", synthetic_root, "--workspace", str(tmp_path / "crashed"),
@@ -378,6 +400,7 @@ def is_loopback(address: str) -> bool:
     return ip.is_loopback or (ip.version == 6 and ip.ipv4_mapped is not None and ip.ipv4_mapped.is_loopback)
 
 
+@pytest.mark.e2e
 def test_a_local_run_listens_on_loopback_only_but_for_torchruns_store(synthetic_root, tmp_path):
     """In a network namespace of its own where the hostname resolves to a non-loopback address, as on many hosts:
     gloo would listen there unless told to use loopback. torchrun's store listens on every interface: torch offers

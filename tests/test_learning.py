@@ -9,6 +9,8 @@ import pytest
 from conftest import run_job
 from results import JOB_NAME, back_to_chance, learning_curve, worst_dip
 
+pytestmark = pytest.mark.e2e  # real runs of job.py or nvflare: the full tier only
+
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_defaults_climb_without_a_dip_on_three_skewed_sites(small_root, tmp_path, seed):

@@ -183,6 +183,7 @@ def run_two_node_job(admin_kit: str, data_root: str, tmp_path, **node_1_env) -> 
     return run
 
 
+@pytest.mark.e2e
 def test_a_site_on_two_nodes_trains_over_both(poc, synthetic_root, tmp_path):
     run = run_two_node_job(poc, synthetic_root, tmp_path)
     assert run["code"] == 0, run["stdout"][-3000:] + run["stderr"][-3000:]
@@ -203,6 +204,7 @@ def test_a_site_on_two_nodes_trains_over_both(poc, synthetic_root, tmp_path):
     assert processes_left(run["job_dir"]) == []
 
 
+@pytest.mark.e2e
 def test_node_1_killed_mid_round_ends_the_job(poc, synthetic_root, tmp_path):
     run = run_two_node_job(poc, synthetic_root, tmp_path, DDP_EXAMPLE_FAULT="site-1:1:1:kill")
     assert run["code"] == 1, run["stdout"][-3000:] + run["stderr"][-3000:]

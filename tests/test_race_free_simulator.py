@@ -1,6 +1,7 @@
 """race_free_simulator.py: NVFlare 2.9.0's simulator without the start-up race that sets one site up under another's
 name. The race is forced here, not waited for: both client threads write their names before either sends."""
 
+import io
 import os
 import threading
 from types import SimpleNamespace
@@ -64,6 +65,15 @@ def test_another_nvflare_version_runs_unpatched_and_says_so(unpatched, monkeypat
     assert not race_free_simulator.patch_simulator()
     assert "checked against nvflare 2.9.0, not 2.10.0" in capsys.readouterr().err
     assert "build_ctx" not in SimulatorClientRunner.__dict__
+
+
+@pytest.mark.parametrize("quiet", [True, False])
+def test_a_quiet_simulator_shows_its_warnings_and_errors_and_keeps_everything(quiet, capsys):
+    lines = ["t - INFO - round 1\n", "t - WARNING - slow\n", "  banner\n", "t - ERROR - lost a site\n"]
+    kept = io.StringIO()
+    race_free_simulator.SimEnv(clients=["site-1"], quiet=quiet)._copy(iter(lines), kept)
+    assert kept.getvalue() == "".join(lines)
+    assert capsys.readouterr().err == (lines[1] + lines[3] if quiet else "".join(lines))
 
 
 def test_job_py_starts_every_site_when_the_race_is_forced(synthetic_root, tmp_path):
