@@ -345,7 +345,7 @@ def main() -> int:
         # torchrun_node (--slurm_nodes) has no --log-dir; this keeps torchrun from leaving a /tmp/torchelastic_*.
         os.environ.setdefault("PET_LOG_DIR", "/dev/null")
         # Every site is on this machine: the ranks' process groups listen on loopback, not on the address the
-        # hostname resolves to. (torchrun's own store listens on every interface; README, "Security".)
+        # hostname resolves to. (torchrun's own store listens on every interface; docs/security.md.)
         for variable in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
             os.environ.setdefault(variable, "lo")
     if args.env == "sim":

@@ -41,8 +41,8 @@ TRAINING_FLAGS = {
     "data_root": {"default": DEFAULT_DATA_ROOT, "help": "folder that holds cifar-10-batches-py on every site"},
     "epochs": {"type": positive_int, "default": 2, "help": "local epochs per round"},
     "batch_size": {"type": positive_int, "default": 64, "help": "batch size of each rank"},
-    # The optimiser's defaults were chosen over 5+ seeds on both synthetic presets, 2 and 3 sites (README,
-    # "Choosing the defaults"): no dip, no collapse, and the accuracy of the old ones on their good runs.
+    # The optimiser's defaults were chosen over 5+ seeds on both synthetic presets, 2 and 3 sites (docs/defaults.md):
+    # no dip, no collapse, and the accuracy of the old ones on their good runs.
     "lr": {"type": positive_float, "default": 0.2, "help": "SGD learning rate, reached after --warmup_rounds"},
     "momentum": {"type": non_negative_float, "default": 0.5, "help": "SGD momentum"},
     "max_grad_norm": {

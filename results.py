@@ -66,7 +66,7 @@ def learning_curve(server_dir: str) -> tuple[list[float], list[float]]:
     return accuracies, [metric(r["aggregated_metrics"], "train_loss") for r in rounds]
 
 
-# What "the defaults never collapse" means, measured on a learning curve (README, "Choosing the defaults").
+# What "the defaults never collapse" means, measured on a learning curve (docs/defaults.md).
 SETTLE_ROUNDS = 3  # dips are counted from the global model after this many rounds on
 CHANCE_LOSS = math.log(10)  # cross-entropy of a uniform guess over the 10 classes
 

@@ -17,7 +17,7 @@ class TolerantFedAvg(FedAvg):
     - a round that ends with fewer than `min_clients` results fails the job, as FedAvg does for any failure.
 
     A site that fails before its trainer's handshake ends its own run without telling the server, so job.py's
-    watchdog still ends the job then (README, "When things go wrong")."""
+    watchdog still ends the job then (docs/failures.md)."""
 
     def __init__(self, *args, min_clients: int, ignore_result_error: bool = True, **kwargs):
         # ignore_result_error: a failed result is dropped here instead of ending the job (see below).

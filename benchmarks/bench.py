@@ -38,7 +38,7 @@ from results import JOB_NAME, back_to_chance, learning_curve, log_times, metric,
 
 # The client.py of NVFlare's original example: batch 4, SGD lr 0.001 with momentum 0.9, no clipping, no warm-up.
 ORIGINAL_SETTINGS = {"batch_size": 4, "lr": 0.001, "momentum": 0.9, "max_grad_norm": 0, "warmup_rounds": 1, "epochs": 2}
-# This project's defaults before they were chosen over seeds (README, "Choosing the defaults").
+# This project's defaults before they were chosen over seeds (docs/defaults.md).
 PREVIOUS_DEFAULTS = {"batch_size": 64, "lr": 0.04, "momentum": 0.9, "max_grad_norm": 0, "warmup_rounds": 1, "epochs": 2}
 BASELINES = {"original": ORIGINAL_SETTINGS, "previous": PREVIOUS_DEFAULTS}
 

@@ -210,7 +210,7 @@ def test_exported_job_completes_on_poc_through_the_cli(poc, synthetic_root, tmp_
     downloaded = nvflare("job", "download", job_id, "-o", str(tmp_path / "result"), "--startup-kit", poc)
     assert downloaded.returncode == 0, downloaded.stdout + downloaded.stderr
     assert_finished(str(tmp_path / "result" / job_id / "workspace"), rounds=5)
-    for site in ("site-1", "site-2"):  # where the README says the site logs are
+    for site in ("site-1", "site-2"):  # where docs/deploy.md says the site logs are
         assert os.path.isfile(os.path.join(os.path.dirname(poc), site, job_id, "log.txt"))
 
 

@@ -404,7 +404,7 @@ def is_loopback(address: str) -> bool:
 def test_a_local_run_listens_on_loopback_only_but_for_torchruns_store(synthetic_root, tmp_path):
     """In a network namespace of its own where the hostname resolves to a non-loopback address, as on many hosts:
     gloo would listen there unless told to use loopback. torchrun's store listens on every interface: torch offers
-    no bind address for it (README, "Security")."""
+    no bind address for it (docs/security.md)."""
     hosts = tmp_path / "hosts"
     hosts.write_text(f"198.51.100.1 {socket.gethostname()}\n127.0.0.1 localhost\n")
     setup = f'ip link set lo up && ip addr add 198.51.100.1/32 dev lo && mount --bind {hosts} /etc/hosts && exec "$@"'

@@ -1,5 +1,5 @@
 """The defaults learn without dips or collapse: a short multi-seed check on the small synthetic preset, in the
-hardest setting of README's "Choosing the defaults" (3 sites with skewed labels). The full check, 5 seeds on
+hardest setting of docs/defaults.md (3 sites with skewed labels). The full check, 5 seeds on
 both presets with 2 and 3 sites, is benchmarks/bench.py item 4 (benchmarks/BENCHMARKS.md)."""
 
 import os
