@@ -32,9 +32,9 @@ PROJECT = os.path.dirname(HERE)
 sys.path.insert(0, PROJECT)  # the example's own modules, one folder up
 
 from data import BATCH_DIR, META_FILE, epoch_batches, load_cifar10, normalize, read_pickle
+from local_run.results import JOB_NAME, back_to_chance, learning_curve, log_times, metric, read_rounds, worst_dip
 from model import Net
 from protocol import DEFAULT_DATA_ROOT, TRAINING_FLAGS, positive_float, positive_int
-from results import JOB_NAME, back_to_chance, learning_curve, log_times, metric, read_rounds, worst_dip
 
 # The client.py of NVFlare's original example: batch 4, SGD lr 0.001 with momentum 0.9, no clipping, no warm-up.
 ORIGINAL_SETTINGS = {"batch_size": 4, "lr": 0.001, "momentum": 0.9, "max_grad_norm": 0, "warmup_rounds": 1, "epochs": 2}

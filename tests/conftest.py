@@ -13,8 +13,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from data import epoch_batches  # noqa: E402
+from local_run.results import JOB_NAME, log_times, metric, read_rounds  # noqa: E402
 from protocol import TRAINING_FLAGS  # noqa: E402
-from results import JOB_NAME, log_times, metric, read_rounds  # noqa: E402
 
 
 def pytest_configure(config):

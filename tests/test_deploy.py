@@ -23,8 +23,8 @@ from conftest import (
     venv_env,
     wait_for_log_lines,
 )
+from local_run.results import JOB_NAME, log_times
 from model import load_global_model
-from results import JOB_NAME, log_times
 
 pytestmark = pytest.mark.e2e  # real runs of job.py or nvflare: the full tier only
 
@@ -59,7 +59,8 @@ def test_exported_job_runs_under_the_race_free_simulator_cli(synthetic_root, tmp
     job_dir = export_job(synthetic_root, tmp_path / "export")
     workspace = str(tmp_path / "ws")
     result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "race_free_simulator.py"), job_dir, "-w", workspace, "-n", "2", "-t", "2"],
+        [sys.executable, os.path.join(ROOT, "local_run", "race_free_simulator.py"), job_dir, "-w", workspace,
+         "-n", "2", "-t", "2"],
         env=venv_env(PYTHONPATH=os.path.join(ROOT, "tests", "force_race")),
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from conftest import GPUS, assert_clean, assert_learns, processes_of, round_metrics, run_job
-from results import JOB_NAME, log_times
+from local_run.results import JOB_NAME, log_times
 
 pytestmark = [
     pytest.mark.e2e,

@@ -9,8 +9,8 @@ import pytest
 
 from conftest import assert_learns, round_metrics, run_job, site_steps
 from data import load_cifar10, partition_indices
-from gpu_plan import default_ranks, gpu_blocks, plan_lines
-from results import JOB_NAME, metric
+from local_run.gpu_plan import default_ranks, gpu_blocks, plan_lines
+from local_run.results import JOB_NAME, metric
 
 SITES = ["site-1", "site-2"]
 

@@ -27,9 +27,9 @@ from conftest import (
     wait_for_log_lines,
 )
 from data import load_cifar10, normalize
+from local_run.race_free_simulator import console_log
+from local_run.results import JOB_NAME, metric, read_final_scores
 from model import Net, load_global_model
-from race_free_simulator import console_log
-from results import JOB_NAME, metric, read_final_scores
 
 
 def job_main(monkeypatch, capsys, *args, **env) -> tuple[int, str, str]:
@@ -242,7 +242,7 @@ def test_bad_arguments_get_a_one_line_usage_error(bad, monkeypatch, capsys):
 
 
 def test_ranks_of_a_local_run_share_the_cores():
-    from job import threads_per_rank
+    from local_run.runner import threads_per_rank
 
     assert threads_per_rank(ranks=3, cpus=2) == 1  # 3 single-rank sites on 2 cores
     assert threads_per_rank(ranks=2, cpus=16) == 8

@@ -37,7 +37,7 @@ from conftest import (
     site_steps,
     venv_env,
 )
-from results import JOB_NAME, read_rounds
+from local_run.results import JOB_NAME, read_rounds
 
 NODE_GROUP = {"NVFL_NNODES": "2", "NVFL_MASTER_ADDR": "127.0.0.1", "NVFL_MASTER_PORT": "7870", "NVFL_RUN_ID": "1"}
 # What every POC process gets: one CPU thread a rank (3 ranks share this machine's cores; torchrun sets this only

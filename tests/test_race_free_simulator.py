@@ -10,8 +10,8 @@ import nvflare
 import pytest
 from nvflare.private.fed.app.simulator.simulator_runner import SimulatorClientRunner
 
-import race_free_simulator
 from conftest import ROOT, round_metrics, run_job
+from local_run import race_free_simulator
 
 FORCE_RACE = os.path.join(ROOT, "tests", "force_race")
 

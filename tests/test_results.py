@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from results import back_to_chance, diagnose, dropouts, failure_phase, summarize, worst_dip
+from local_run.results import back_to_chance, diagnose, dropouts, failure_phase, summarize, worst_dip
 
 ROOT_CAUSE = """2026-11-27 05:45:39,772 - ExternalProcessBackend - INFO - Root Cause (first observed failure):
 2026-11-27 05:45:39,772 - ExternalProcessBackend - INFO - [0]:

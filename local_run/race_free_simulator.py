@@ -11,7 +11,7 @@ The fix: each thread reads its own copy of `build_ctx`, so no thread's name land
 applied only to the NVFlare version it was checked against, and it refuses to run if that code has changed.
 Delete this module once NVFlare's `do_one_task` sends a copy of its own.
 
-Run it as NVFlare's simulator CLI is run:  python race_free_simulator.py JOB_FOLDER -w WORKSPACE -n 2 -t 2
+Run it as NVFlare's simulator CLI is run:  python local_run/race_free_simulator.py JOB_FOLDER -w WORKSPACE -n 2 -t 2
 job.py's `--env sim` runs the job through it (`SimEnv` below)."""
 
 import inspect
@@ -140,7 +140,7 @@ class SimEnv(NVFlareSimEnv):
             pass
 
 
-# Under `python race_free_simulator.py`, and in a child that multiprocessing spawns, which imports the main script
+# Under `python local_run/race_free_simulator.py`, and in a child that multiprocessing spawns, which imports the main script
 # as __mp_main__: the simulator's processes get the fix wherever they start.
 if __name__ in ("__main__", "__mp_main__"):
     try:

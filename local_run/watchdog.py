@@ -21,7 +21,7 @@ import time
 
 import psutil
 
-from results import NVFLARE_SITE_ENDED
+from local_run.results import NVFLARE_SITE_ENDED
 
 PR_SET_CHILD_SUBREAPER = 36
 

@@ -1,0 +1,233 @@
+"""Runs the job that job.py built: in NVFlare's simulator or on a POC of its own, both on this machine, or on a
+running system; watches it, and prints the summary. job.py calls run_and_report() once."""
+
+import argparse
+import errno
+import os
+import shutil
+import signal
+import socket
+import sys
+import threading
+import time
+
+from nvflare.recipe import PocEnv, ProdEnv
+from nvflare.tool.poc.poc_commands import get_poc_workspace
+
+from data import DataError, batch_paths
+from local_run.gpu_plan import plan_lines
+from local_run.race_free_simulator import SimEnv, console_log
+from local_run.results import JOB_NAME, follow_rounds, summarize
+from local_run.watchdog import Watchdog
+
+
+def run_and_report(
+    recipe, args: argparse.Namespace, sites: list[str], gpus: list[str], blocks: list[list[str]] | None
+) -> int:
+    """Run the job as job.py's flags say; the exit code. gpus: this machine's GPUs that a local run shares out;
+    blocks: each site's."""
+    # On a real system the data and the ports are the sites' own.
+    problem = preflight(args, sites) if args.env != "prod" else None
+    if problem:
+        print(f"ERROR: {problem}", file=sys.stderr)
+        return 2
+    # Sites run `python3` from PATH: make that this interpreter, whose environment has torch.
+    os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+    if args.env != "prod":  # every site's ranks share this machine's cores; a user's own setting wins
+        cpus = len(os.sched_getaffinity(0))
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_rank(sum(args.nproc_per_node), cpus)))
+        # torchrun_node (--slurm_nodes) has no --log-dir; this keeps torchrun from leaving a /tmp/torchelastic_*.
+        os.environ.setdefault("PET_LOG_DIR", "/dev/null")
+        # Every site is on this machine: the ranks' process groups listen on loopback, not on the address the
+        # hostname resolves to. (torchrun's own store listens on every interface; docs/security.md.)
+        for variable in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+            os.environ.setdefault(variable, "lo")
+    if args.env == "sim":
+        workspace = os.path.join(args.workspace, JOB_NAME)
+        print(
+            f"NVFlare's logs: {workspace}/server/log.txt and {workspace}/<site>/log.txt; its console output: "
+            f"{console_log(args.workspace, JOB_NAME)}" + ("" if args.verbose else " (--verbose shows it here)")
+        )
+    if args.env != "prod":
+        for line in plan_lines(sites, args.nproc_per_node, blocks or [[] for _ in sites], len(gpus)):
+            print(line)
+    if args.env == "sim":
+        return run_in_simulator(recipe, args, sites)
+    return run_on_system(recipe, args, sites)
+
+
+def port_in_use(number: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # Like torchrun's store: a port that only lingers in TIME_WAIT is free to listen on.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", number))
+        except OSError as e:
+            return e.errno == errno.EADDRINUSE
+    return False
+
+
+def threads_per_rank(ranks: int, cpus: int) -> int:
+    """CPU threads for each of a run's `ranks` on this machine. torchrun sets 1 only for 2+ ranks a site; with one
+    rank a site, every rank would take all the cores, and 3 sites on 2 cores ran rounds up to 10x slower."""
+    return max(1, cpus // ranks)
+
+
+def preflight(args: argparse.Namespace, sites: list[str]) -> str | None:
+    """What a local run needs, checked before any process starts: what is wrong, or None."""
+    try:
+        batch_paths(args.data_root)
+    except DataError as e:
+        return str(e)
+    for i, site in enumerate(sites if args.master_port else []):
+        if port_in_use(args.master_port + i):
+            return (
+                f"port {args.master_port + i} ({site}'s torchrun master port) is in use; "
+                "pick a free range with --master_port"
+            )
+    return None
+
+
+def run_in_simulator(recipe, args: argparse.Namespace, sites: list[str]) -> int:
+    env = SimEnv(clients=sites, workspace_root=args.workspace, quiet=not args.verbose)
+    workspace = os.path.join(args.workspace, JOB_NAME)
+    server_dir = os.path.join(workspace, "server", "simulate_job")
+    done = threading.Event()
+    threading.Thread(target=follow_rounds, args=(server_dir, args.num_rounds, done), daemon=True).start()
+    with Watchdog(workspace, sites) as watchdog:
+        try:
+            recipe.execute(env)
+        except RuntimeError:  # the simulator failed; the summary says which site and why
+            pass
+        finally:
+            done.set()
+    stopped_by = signal_name(watchdog.signum)
+    code = summarize(
+        server_dir,
+        os.path.join(workspace, "server", "log.txt"),
+        sites,
+        args.num_rounds,
+        logs_root=workspace,
+        stopped_by=stopped_by,
+        min_clients=args.min_clients,
+    )
+    return 128 + watchdog.signum if stopped_by else code
+
+
+def signal_name(signum: int | None) -> str | None:
+    return signal.Signals(signum).name if signum else None
+
+
+def run_on_system(recipe, args: argparse.Namespace, sites: list[str]) -> int:
+    """Submit to a POC that this run starts, or to the running system behind --startup_kit."""
+    if args.env == "poc":
+        poc_workspace = get_poc_workspace()
+        if os.path.exists(poc_workspace):
+            print(
+                f"ERROR: a POC workspace exists at {poc_workspace}, and --env poc would stop and delete it; "
+                f"if it is yours, submit to it with --env prod --startup_kit <its admin kit>, "
+                f"or remove it first: nvflare poc stop; nvflare poc clean",
+                file=sys.stderr,
+            )
+            return 2
+        env = PocEnv(num_clients=len(sites), clients=sites)
+    else:
+        env = ProdEnv(startup_kit_location=args.startup_kit)
+    run = result = status = failure = None
+    with Watchdog(None, sites) as watchdog:
+        try:
+            run = recipe.execute(env)
+            print(f"submitted job {run.get_job_id()}; waiting for it to finish")
+            result = run.get_result(clean_up=False)
+            status = run.get_status()
+        except Exception as e:
+            failure = f"{type(e).__name__}: {e}"
+        finally:
+            watchdog.hold_signals()  # whatever happened, and whatever signal comes now, the POC goes
+            if args.env == "poc":
+                result = stop_poc(env, run, result, args, sites, aborted=watchdog.signum is not None)
+    if args.env == "poc":  # what NVFlare's stop could not clean, now that every process of it has ended
+        shutil.rmtree(get_poc_workspace(), ignore_errors=True)
+    if watchdog.signum:
+        return report_stop(run, result, args, sites, watchdog.signum)
+    if failure:
+        print(f"ERROR: the job could not run on the system: {failure}", file=sys.stderr)
+        return 1
+    print(f"job {run.get_job_id()} ended with status {status}; result: {result}")
+    if not result:
+        print(f"ERROR: job {run.get_job_id()} left no result to read (status {status})", file=sys.stderr)
+        return 1
+    logs_root = result if args.env == "poc" else None
+    code = summarize(
+        os.path.join(result, "workspace"),
+        os.path.join(result, "workspace", "log.txt"),
+        sites,
+        args.num_rounds,
+        logs_root=logs_root,
+        min_clients=args.min_clients,
+    )
+    if status != "FINISHED:COMPLETED":
+        print(f"ERROR: job {run.get_job_id()} did not complete (status {status})", file=sys.stderr)
+        return 1
+    return code
+
+
+def stop_poc(env, run, download: str | None, args: argparse.Namespace, sites: list[str], aborted: bool) -> str | None:
+    """Keep what the job left, then stop and delete job.py's own POC; returns where the job's folders are kept."""
+    try:
+        if run is None:
+            return None
+        kept = keep_poc_job(run.get_job_id(), download, args.workspace, sites)  # the POC workspace goes next
+        if aborted:
+            # Otherwise the job stays RUNNING in NVFlare's job store, which outlives the POC workspace, and the next
+            # POC's stop fails on it.
+            run.abort()
+            wait_until_finished(run, timeout=15)
+        return kept
+    finally:
+        env.stop(clean_up=True)
+
+
+def wait_until_finished(run, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not str(run.get_status()).startswith("FINISHED") and time.monotonic() < deadline:
+        time.sleep(0.5)
+
+
+def keep_poc_job(job_id: str, download: str | None, workspace: str, sites: list[str]) -> str:
+    """Copy what a POC job left to workspace/<job>/<id> before the POC is deleted: the downloaded result, or,
+    for a job still running, the server's job folder (both as workspace/), and each site's log (<site>/log.txt)."""
+    project = os.path.join(get_poc_workspace(), "example_project", "prod_00")
+    kept = os.path.join(workspace, JOB_NAME, job_id)
+    sources = (
+        [(download, kept)] if download else [(os.path.join(project, "server", job_id), os.path.join(kept, "workspace"))]
+    )
+    sources += [(os.path.join(project, site, job_id), os.path.join(kept, site)) for site in sites]
+    for source, target in sources:
+        if os.path.isdir(source):
+            shutil.copytree(source, target, dirs_exist_ok=True)
+    return kept
+
+
+def report_stop(run, result: str | None, args: argparse.Namespace, sites: list[str], signum: int) -> int:
+    """job.py was stopped while a job ran on a system: say so, and what was kept or goes on."""
+    name = signal_name(signum)
+    if run is None:
+        print(f"ERROR: the job was stopped by {name} before it was submitted", file=sys.stderr)
+    elif result:  # a POC of job.py's own: it is gone now, its job's folders kept
+        summarize(
+            os.path.join(result, "workspace"),
+            os.path.join(result, "workspace", "log.txt"),
+            sites,
+            args.num_rounds,
+            logs_root=result,
+            stopped_by=name,
+            min_clients=args.min_clients,
+        )
+    else:
+        print(
+            f"ERROR: the job was stopped by {name} while job {run.get_job_id()} runs on the system, where it "
+            f"goes on; to end it: nvflare job abort {run.get_job_id()} --startup-kit {args.startup_kit}",
+            file=sys.stderr,
+        )
+    return 128 + signum
