@@ -140,8 +140,8 @@ class SimEnv(NVFlareSimEnv):
             pass
 
 
-# Under `python local_run/race_free_simulator.py`, and in a child that multiprocessing spawns, which imports the main script
-# as __mp_main__: the simulator's processes get the fix wherever they start.
+# Run as a script, and in a child that multiprocessing spawns, which imports the main script as __mp_main__: the
+# simulator's processes get the fix wherever they start.
 if __name__ in ("__main__", "__mp_main__"):
     try:
         patch_simulator()
