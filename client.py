@@ -2,12 +2,8 @@
 together with DistributedDataParallel. Rank 0 talks to the NVFlare server; the others follow it."""
 
 import argparse
-import ctypes
 import os
-import signal
-import sys
 import time
-import traceback
 from datetime import timedelta
 from typing import NoReturn
 
@@ -16,13 +12,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from nvflare.apis.fl_constant import FLMetaKey
-from nvflare.client.cell.attach_session import TrainerSessionError
 from nvflare.client.tracking import SummaryWriter
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import DataError, epoch_batches, is_synthetic, load_cifar10, normalize, partition_indices
+from data import epoch_batches, is_synthetic, load_cifar10, normalize, partition_indices
 from model import Net
-from protocol import ERROR, STOPPING, add_training_flags, rank_line
+from protocol import add_training_flags
+from rank_exit import die_with_parent, failures_end_the_rank, leave
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -35,6 +31,118 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.site not in args.sites:
         p.error(f"--site {args.site} is not in --sites {','.join(args.sites)}")
     return args
+
+
+def main() -> NoReturn:
+    die_with_parent(os.getppid())
+    args = parse_args()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    backend, device, why_cpu = choose_backend(gpus, local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    # A collective inside a round that waits longer than this ends the site: a peer is stuck.
+    dist.init_process_group(backend, timeout=timedelta(seconds=args.stall_timeout))
+    rank = dist.get_rank()
+    with failures_end_the_rank(args.site, args.stall_timeout):
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "(not set)")
+        print(f"{args.site} rank {rank}: {describe(device)}; CUDA_VISIBLE_DEVICES={visible}", flush=True)
+        if rank == 0:
+            why = f" ({why_cpu})" if why_cpu else ""
+            print(f"{args.site}: {dist.get_world_size()} rank(s), backend {backend} on {device.type}{why}", flush=True)
+        run_site(args, device)
+    dist.destroy_process_group()
+    leave(0)
+
+
+def run_site(args, device: torch.device) -> None:
+    """This site's part of the job: load its shard, then answer the server's tasks until it says stop."""
+    rank = dist.get_rank()
+    train_x, train_y, test_x, test_y = load_cifar10(args.data_root)
+    # One floor for every site, whatever its rank count, so that all sites compute the same shards.
+    shard = partition_indices(train_y, args.sites, args.site, args.alpha, args.seed, min_size=args.batch_size)
+    # The whole shard and test set stay on the device; a batch is an index op.
+    train_x, train_y = train_x[shard].to(device), train_y[shard].to(device)
+    test_x, test_y = test_x.to(device), test_y.to(device)
+    class_counts = torch.bincount(train_y, minlength=10).tolist()
+    if rank == 0:
+        kind = "SYNTHETIC stand-in" if is_synthetic(args.data_root) else "CIFAR-10"
+        print(
+            f"{args.site}: {kind} shard of {len(shard)} training images, per class {class_counts}; "
+            f"{len(test_y)} test images",
+            flush=True,
+        )
+    # Before the handshake: DDP's first collective must not wait on rank 0's handshake.
+    model = Net().to(device)
+    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    control = dist.new_group(backend="gloo", timeout=TASK_WAIT)
+    warm_up(ddp, train_x, train_y, test_x, test_y, args)
+
+    # (1) init: only global rank 0 talks to the server. The other ranks, on this node or on other nodes of the
+    # site, never touch NVFlare: they get every task from rank 0 through broadcast_task.
+    if rank == 0:
+        flare.init(rank=rank)
+    writer = SummaryWriter() if args.use_tracking and rank == 0 else None
+    histogram_logged = False
+
+    while True:
+        # (2) receive: rank 0 gets the global model; every rank learns what to do with it.
+        task, current_round = receive_task(model) if rank == 0 else (STOP, 0)
+        started = time.perf_counter()
+        task, current_round = broadcast_task(model, task, current_round, control)
+        if task == STOP:
+            break
+
+        # (3) evaluate the global model as received: this drives NVFlare's best-model selection.
+        global_accuracy = evaluate(model, test_x, test_y)
+        if task == EVALUATE:  # the server's final check of a global model: no training
+            if rank == 0:
+                flare.send(flare.FLModel(metrics={"accuracy": global_accuracy}))
+            continue
+        # (4) train locally with DDP, each rank on its own slice of every epoch.
+        train_loss, steps = train(
+            ddp,
+            train_x,
+            train_y,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=round_lr(args.lr, current_round, args.warmup_rounds),
+            momentum=args.momentum,
+            max_grad_norm=args.max_grad_norm,
+            seed=args.seed,
+            first_epoch=current_round * args.epochs,
+        )
+        local_accuracy = evaluate(model, test_x, test_y)
+
+        # (5) send: rank 0 returns the weights and metrics.
+        if rank == 0:
+            print(
+                f"{args.site} round {current_round}: global accuracy {global_accuracy:.4f}, "
+                f"train loss {train_loss:.4f}, local accuracy {local_accuracy:.4f}",
+                flush=True,
+            )
+            if writer is not None:
+                # Not before the first task: NVFlare drops what a site logs before its run has started.
+                if not histogram_logged:
+                    for c, count in enumerate(class_counts):
+                        writer.add_scalar(f"shard_class_count/{c}", count, global_step=0)
+                    histogram_logged = True
+                writer.add_scalar("global_accuracy", global_accuracy, global_step=current_round)
+                writer.add_scalar("train_loss", train_loss, global_step=current_round)
+                writer.add_scalar("local_accuracy", local_accuracy, global_step=current_round)
+            flare.send(
+                flare.FLModel(
+                    params={k: v.cpu() for k, v in model.state_dict().items()},
+                    metrics={
+                        "accuracy": global_accuracy,
+                        "local_accuracy": local_accuracy,
+                        "train_loss": train_loss,
+                        "shard_size": len(shard),
+                        "compute_seconds": time.perf_counter() - started,
+                    },
+                    meta={FLMetaKey.NUM_STEPS_CURRENT_ROUND: steps},
+                )
+            )
 
 
 def choose_backend(gpus: int, local_rank: int, local_world_size: int) -> tuple[str, torch.device, str | None]:
@@ -168,173 +276,6 @@ def warm_up(ddp: DDP, train_x, train_y, test_x, test_y, args) -> None:
     evaluate(ddp.module, test_x[:one_batch], test_y[:one_batch])
     ddp.module.load_state_dict(saved)
     ddp.module.zero_grad(set_to_none=True)
-
-
-def run_site(args, device: torch.device) -> None:
-    """This site's part of the job: load its shard, then answer the server's tasks until it says stop."""
-    rank = dist.get_rank()
-    train_x, train_y, test_x, test_y = load_cifar10(args.data_root)
-    # One floor for every site, whatever its rank count, so that all sites compute the same shards.
-    shard = partition_indices(train_y, args.sites, args.site, args.alpha, args.seed, min_size=args.batch_size)
-    # The whole shard and test set stay on the device; a batch is an index op.
-    train_x, train_y = train_x[shard].to(device), train_y[shard].to(device)
-    test_x, test_y = test_x.to(device), test_y.to(device)
-    class_counts = torch.bincount(train_y, minlength=10).tolist()
-    if rank == 0:
-        kind = "SYNTHETIC stand-in" if is_synthetic(args.data_root) else "CIFAR-10"
-        print(
-            f"{args.site}: {kind} shard of {len(shard)} training images, per class {class_counts}; "
-            f"{len(test_y)} test images",
-            flush=True,
-        )
-    # Before the handshake: DDP's first collective must not wait on rank 0's handshake.
-    model = Net().to(device)
-    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    control = dist.new_group(backend="gloo", timeout=TASK_WAIT)
-    warm_up(ddp, train_x, train_y, test_x, test_y, args)
-
-    # (1) init: only global rank 0 talks to the server. The other ranks, on this node or on other nodes of the
-    # site, never touch NVFlare: they get every task from rank 0 through broadcast_task.
-    if rank == 0:
-        flare.init(rank=rank)
-    writer = SummaryWriter() if args.use_tracking and rank == 0 else None
-    histogram_logged = False
-
-    while True:
-        # (2) receive: rank 0 gets the global model; every rank learns what to do with it.
-        task, current_round = receive_task(model) if rank == 0 else (STOP, 0)
-        started = time.perf_counter()
-        task, current_round = broadcast_task(model, task, current_round, control)
-        if task == STOP:
-            break
-
-        # (3) evaluate the global model as received: this drives NVFlare's best-model selection.
-        global_accuracy = evaluate(model, test_x, test_y)
-        if task == EVALUATE:  # the server's final check of a global model: no training
-            if rank == 0:
-                flare.send(flare.FLModel(metrics={"accuracy": global_accuracy}))
-            continue
-        # (4) train locally with DDP, each rank on its own slice of every epoch.
-        train_loss, steps = train(
-            ddp,
-            train_x,
-            train_y,
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            lr=round_lr(args.lr, current_round, args.warmup_rounds),
-            momentum=args.momentum,
-            max_grad_norm=args.max_grad_norm,
-            seed=args.seed,
-            first_epoch=current_round * args.epochs,
-        )
-        local_accuracy = evaluate(model, test_x, test_y)
-
-        # (5) send: rank 0 returns the weights and metrics.
-        if rank == 0:
-            print(
-                f"{args.site} round {current_round}: global accuracy {global_accuracy:.4f}, "
-                f"train loss {train_loss:.4f}, local accuracy {local_accuracy:.4f}",
-                flush=True,
-            )
-            if writer is not None:
-                # Not before the first task: NVFlare drops what a site logs before its run has started.
-                if not histogram_logged:
-                    for c, count in enumerate(class_counts):
-                        writer.add_scalar(f"shard_class_count/{c}", count, global_step=0)
-                    histogram_logged = True
-                writer.add_scalar("global_accuracy", global_accuracy, global_step=current_round)
-                writer.add_scalar("train_loss", train_loss, global_step=current_round)
-                writer.add_scalar("local_accuracy", local_accuracy, global_step=current_round)
-            flare.send(
-                flare.FLModel(
-                    params={k: v.cpu() for k, v in model.state_dict().items()},
-                    metrics={
-                        "accuracy": global_accuracy,
-                        "local_accuracy": local_accuracy,
-                        "train_loss": train_loss,
-                        "shard_size": len(shard),
-                        "compute_seconds": time.perf_counter() - started,
-                    },
-                    meta={FLMetaKey.NUM_STEPS_CURRENT_ROUND: steps},
-                )
-            )
-
-
-# How gloo and NCCL report that a peer rank went away (torch 2.14).
-PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "NCCL communicator was aborted")
-# How gloo reports a peer that did not answer within the process group's timeout (torch 2.14). NCCL's
-# watchdog aborts the rank itself instead.
-PEER_STALLED = "Timed out waiting"
-
-
-def leave(code: int, message: str = "") -> NoReturn:
-    """End this rank now, without the interpreter's teardown.
-
-    A failed rank must not wait in a collective or on NVFlare's threads. A finished rank must not
-    tear down either: gloo's worker threads can still be releasing tensors then, and a thread that
-    takes the GIL during teardown aborts the process (SIGABRT, "terminate called without an active
-    exception"; pytorch/pytorch#190489)."""
-    if message:
-        print(message, file=sys.stderr, flush=True)
-    sys.stdout.flush()
-    os._exit(code)
-
-
-def die_with_parent(parent: int) -> None:
-    """Ask Linux to SIGKILL this rank if its torchrun (`parent`, read before) dies, so no orphan waits in a
-    collective. A parent already gone by then is not pid 1 under a subreaper or in a container: compare pids."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        if os.getppid() != parent:  # the parent was already gone
-            sys.exit(1)
-
-
-def main() -> NoReturn:
-    die_with_parent(os.getppid())
-    args = parse_args()
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    backend, device, why_cpu = choose_backend(gpus, local_rank, local_world_size)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    # A collective inside a round that waits longer than this ends the site: a peer is stuck.
-    dist.init_process_group(backend, timeout=timedelta(seconds=args.stall_timeout))
-    rank = dist.get_rank()
-    try:
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "(not set)")
-        print(f"{args.site} rank {rank}: {describe(device)}; CUDA_VISIBLE_DEVICES={visible}", flush=True)
-        if rank == 0:
-            print(
-                f"{args.site}: {dist.get_world_size()} rank(s), backend {backend} on {device.type}"
-                + (f" ({why_cpu})" if why_cpu else ""),
-                flush=True,
-            )
-        run_site(args, device)
-    except DataError as e:
-        leave(2, rank_line(args.site, rank, ERROR, str(e)))
-    except TrainerSessionError as e:  # the server ended the job, usually because another site failed
-        leave(1, rank_line(args.site, rank, STOPPING, str(e)))
-    except Exception as e:
-        traceback.print_exc()
-        stalled, lost = PEER_STALLED in str(e), any(sign in str(e) for sign in PEER_LOST)
-        why = f"{type(e).__name__}: {e}"
-        if stalled:
-            why = f"a peer rank did not answer within --stall_timeout {args.stall_timeout:g} s: it is stuck or stopped"
-        elif lost and dist.get_world_size() > local_world_size:
-            # This node's torchrun names a rank of its own that failed; one on another node reports over there.
-            why = f"a peer rank went away ({why}); if no rank of this node failed, see the other nodes' output"
-        print(rank_line(args.site, rank, ERROR, why), file=sys.stderr)
-        sys.stderr.flush()
-        if stalled and "TORCHELASTIC_RUN_ID" in os.environ:
-            # torchrun would wait 30 s for a stopped rank to obey SIGTERM, twice; its end kills every rank now.
-            os.kill(os.getppid(), signal.SIGKILL)
-        if lost:
-            # Another rank died first: give torchrun a moment to see that one and name it as the cause.
-            time.sleep(5)
-        leave(1)
-    dist.destroy_process_group()
-    leave(0)
 
 
 if __name__ == "__main__":

@@ -238,7 +238,7 @@ def build_recipe(args: argparse.Namespace, gpu_blocks: list[list[str]] | None = 
         # default grace of 60 s (the same as FedJob's fail_fast).
         "dead_client_grace_period": 0.0,
     })  # fmt: skip
-    for module in ("data.py", "model.py", "protocol.py"):  # what client.py imports
+    for module in ("data.py", "model.py", "protocol.py", "rank_exit.py"):  # what client.py imports
         recipe.add_client_file(os.path.join(HERE, module))
     if args.min_clients < args.n_clients:
         recipe.add_server_file(os.path.join(HERE, "tolerant_fedavg.py"))

@@ -124,13 +124,13 @@ sys.path.insert(0, sys.argv[1])
 ctypes.CDLL(None).prctl(36, 1)  # PR_SET_CHILD_SUBREAPER: this process stands for job.py's watchdog
 if os.fork() == 0:  # torchrun
     if os.fork() == 0:  # its rank, whose torchrun dies before the rank asks to die with it
-        import client
+        import rank_exit
         torchrun = os.getppid()
         os.kill(torchrun, 9)
         while os.getppid() == torchrun:
             time.sleep(0.01)
         try:
-            client.die_with_parent(torchrun)
+            rank_exit.die_with_parent(torchrun)
         except SystemExit:
             os._exit(3)  # it saw that its torchrun is gone
         os._exit(0)  # still alive: an orphan
