@@ -102,15 +102,8 @@ def run_in_simulator(recipe, args: argparse.Namespace, sites: list[str]) -> int:
         finally:
             done.set()
     stopped_by = signal_name(watchdog.signum)
-    code = summarize(
-        server_dir,
-        os.path.join(workspace, "server", "log.txt"),
-        sites,
-        args.num_rounds,
-        logs_root=workspace,
-        stopped_by=stopped_by,
-        min_clients=args.min_clients,
-    )
+    code = summarize(server_dir, os.path.join(workspace, "server", "log.txt"), sites, args.num_rounds, workspace,
+                     stopped_by, args.min_clients)  # fmt: skip
     return 128 + watchdog.signum if stopped_by else code
 
 
@@ -158,18 +151,18 @@ def run_on_system(recipe, args: argparse.Namespace, sites: list[str]) -> int:
         print(f"ERROR: job {run.get_job_id()} left no result to read (status {status})", file=sys.stderr)
         return 1
     logs_root = result if args.env == "poc" else None
-    code = summarize(
-        os.path.join(result, "workspace"),
-        os.path.join(result, "workspace", "log.txt"),
-        sites,
-        args.num_rounds,
-        logs_root=logs_root,
-        min_clients=args.min_clients,
-    )
+    code = summarize_kept(result, args, sites, logs_root)
     if status != "FINISHED:COMPLETED":
         print(f"ERROR: job {run.get_job_id()} did not complete (status {status})", file=sys.stderr)
         return 1
     return code
+
+
+def summarize_kept(result: str, args: argparse.Namespace, sites: list[str], logs_root: str | None, stopped_by=None):
+    """summarize() for a job's folder as `nvflare job download` writes it, or as keep_poc_job keeps it."""
+    workspace = os.path.join(result, "workspace")
+    return summarize(workspace, os.path.join(workspace, "log.txt"), sites, args.num_rounds, logs_root, stopped_by,
+                     args.min_clients)  # fmt: skip
 
 
 def stop_poc(env, run, download: str | None, args: argparse.Namespace, sites: list[str], aborted: bool) -> str | None:
@@ -215,15 +208,7 @@ def report_stop(run, result: str | None, args: argparse.Namespace, sites: list[s
     if run is None:
         print(f"ERROR: the job was stopped by {name} before it was submitted", file=sys.stderr)
     elif result:  # a POC of job.py's own: it is gone now, its job's folders kept
-        summarize(
-            os.path.join(result, "workspace"),
-            os.path.join(result, "workspace", "log.txt"),
-            sites,
-            args.num_rounds,
-            logs_root=result,
-            stopped_by=name,
-            min_clients=args.min_clients,
-        )
+        summarize_kept(result, args, sites, result, stopped_by=name)
     else:
         print(
             f"ERROR: the job was stopped by {name} while job {run.get_job_id()} runs on the system, where it "
