@@ -131,7 +131,8 @@ def run_on_system(recipe, args: argparse.Namespace, sites: list[str]) -> int:
         try:
             run = recipe.execute(env)
             print(f"submitted job {run.get_job_id()}; waiting for it to finish")
-            result = run.get_result(clean_up=False)
+            # Not run.get_result(): it would stop the POC on its way out, where a signal must not cut in.
+            result = env.get_job_result(run.get_job_id())
             status = run.get_status()
         except Exception as e:
             failure = f"{type(e).__name__}: {e}"
