@@ -87,8 +87,8 @@ def console_log(workspace_root: str, job_name: str) -> str:
     return os.path.join(workspace_root, f"{job_name}.console.log")
 
 
-# NVFlare's log lines that a quiet run still shows.
-LOUD = re.compile(r" - (WARNING|ERROR|CRITICAL) - ")
+# What a quiet run still shows: NVFlare's warnings and errors, and this module's own (SimulatorChanged, a version).
+LOUD = re.compile(r" - (WARNING|ERROR|CRITICAL) - |^(WARNING|ERROR): ")
 
 
 class SimEnv(NVFlareSimEnv):
