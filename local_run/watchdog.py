@@ -35,7 +35,6 @@ class Stopped(BaseException):
 
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
-        self.signum = signum
 
 
 def end_all_children() -> None:
