@@ -7,14 +7,13 @@ import time
 from datetime import timedelta
 from typing import NoReturn
 
-import nvflare.client as flare
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from nvflare.apis.fl_constant import FLMetaKey
 from nvflare.client.tracking import SummaryWriter
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import flare_ddp
 from data import epoch_batches, is_synthetic, load_cifar10, normalize, partition_indices
 from model import Net
 from protocol import add_training_flags
@@ -75,49 +74,42 @@ def run_site(args, device: torch.device) -> None:
     # Before the handshake: DDP's first collective must not wait on rank 0's handshake.
     model = Net().to(device)
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    control = dist.new_group(backend="gloo", timeout=TASK_WAIT)
     warm_up(ddp, train_x, train_y, test_x, test_y, args)
 
     # (1) init: only global rank 0 talks to the server. The other ranks, on this node or on other nodes of the
-    # site, never touch NVFlare: they get every task from rank 0 through broadcast_task.
-    if rank == 0:
-        flare.init(rank=rank)
+    # site, never touch NVFlare: flare_ddp hands them every task from rank 0.
+    flare_ddp.init()
     writer = SummaryWriter() if args.use_tracking and rank == 0 else None
     histogram_logged = False
 
-    while True:
-        # (2) receive: rank 0 gets the global model; every rank learns what to do with it.
-        task, current_round = receive_task(model) if rank == 0 else (STOP, 0)
+    # (2) receive: every rank gets each task, with the global weights already loaded into `model`.
+    for task in flare_ddp.tasks(model):
         started = time.perf_counter()
-        task, current_round = broadcast_task(model, task, current_round, control)
-        if task == STOP:
-            break
-
-        # (3) evaluate the global model as received: this drives NVFlare's best-model selection.
+        if task.kind == flare_ddp.SUBMIT_MODEL:  # cross-site evaluation: this site's model, as its last round left it
+            task.send(params=model.state_dict())
+            continue
+        # (3) evaluate the weights as received: this drives NVFlare's best-model selection.
         global_accuracy = evaluate(model, test_x, test_y)
-        if task == EVALUATE:  # the server's final check of a global model: no training
-            if rank == 0:
-                flare.send(flare.FLModel(metrics={"accuracy": global_accuracy}))
+        if task.kind == flare_ddp.VALIDATE:  # the final global model, or another site's: score it, train nothing
+            task.send(metrics={"accuracy": global_accuracy})
             continue
         # (4) train locally with DDP, each rank on its own slice of every epoch.
-        train_loss, steps = train(
+        train_loss = train(
             ddp,
             train_x,
             train_y,
             epochs=args.epochs,
             batch_size=args.batch_size,
-            lr=round_lr(args.lr, current_round, args.warmup_rounds),
+            lr=round_lr(args.lr, task.round, args.warmup_rounds),
             momentum=args.momentum,
             max_grad_norm=args.max_grad_norm,
             seed=args.seed,
-            first_epoch=current_round * args.epochs,
+            first_epoch=task.round * args.epochs,
         )
         local_accuracy = evaluate(model, test_x, test_y)
-
-        # (5) send: rank 0 returns the weights and metrics.
         if rank == 0:
             print(
-                f"{args.site} round {current_round}: global accuracy {global_accuracy:.4f}, "
+                f"{args.site} round {task.round}: global accuracy {global_accuracy:.4f}, "
                 f"train loss {train_loss:.4f}, local accuracy {local_accuracy:.4f}",
                 flush=True,
             )
@@ -127,22 +119,21 @@ def run_site(args, device: torch.device) -> None:
                     for c, count in enumerate(class_counts):
                         writer.add_scalar(f"shard_class_count/{c}", count, global_step=0)
                     histogram_logged = True
-                writer.add_scalar("global_accuracy", global_accuracy, global_step=current_round)
-                writer.add_scalar("train_loss", train_loss, global_step=current_round)
-                writer.add_scalar("local_accuracy", local_accuracy, global_step=current_round)
-            flare.send(
-                flare.FLModel(
-                    params={k: v.cpu() for k, v in model.state_dict().items()},
-                    metrics={
-                        "accuracy": global_accuracy,
-                        "local_accuracy": local_accuracy,
-                        "train_loss": train_loss,
-                        "shard_size": len(shard),
-                        "compute_seconds": time.perf_counter() - started,
-                    },
-                    meta={FLMetaKey.NUM_STEPS_CURRENT_ROUND: steps},
-                )
-            )
+                writer.add_scalar("global_accuracy", global_accuracy, global_step=task.round)
+                writer.add_scalar("train_loss", train_loss, global_step=task.round)
+                writer.add_scalar("local_accuracy", local_accuracy, global_step=task.round)
+        # (5) send the new weights and metrics; FedAvg weighs each site by the samples it trained.
+        task.send(
+            params=model.state_dict(),
+            metrics={
+                "accuracy": global_accuracy,
+                "local_accuracy": local_accuracy,
+                "train_loss": train_loss,
+                "shard_size": len(shard),
+                "compute_seconds": time.perf_counter() - started,
+            },
+            weight=args.epochs * len(shard),
+        )
 
 
 def choose_backend(gpus: int, local_rank: int, local_world_size: int) -> tuple[str, torch.device, str | None]:
@@ -174,36 +165,6 @@ def describe(device: torch.device) -> str:
     return name
 
 
-STOP, TRAIN, EVALUATE = 0, 1, 2
-
-
-# How long the other ranks wait for rank 0's next task: as long as the slowest site's round and the
-# server's aggregation take, which --stall_timeout must not bound.
-TASK_WAIT = timedelta(days=1)
-
-
-def broadcast_task(model: torch.nn.Module, task: int, current_round: int, control) -> tuple[int, int]:
-    """Hand rank 0's task (STOP, TRAIN or EVALUATE), round number and weights to every rank.
-
-    The task goes over `control`, a gloo group that waits TASK_WAIT; the weights over the training group."""
-    header = torch.tensor([task, current_round])
-    dist.broadcast(header, src=0, group=control)
-    task, current_round = header.tolist()
-    if task != STOP:
-        for tensor in model.state_dict().values():
-            dist.broadcast(tensor, src=0)
-    return task, current_round
-
-
-def receive_task(model: torch.nn.Module) -> tuple[int, int]:
-    """On rank 0: the next task from the server, with its weights loaded into `model`."""
-    input_model = flare.receive() if flare.is_running() else None
-    if input_model is None:
-        return STOP, 0
-    model.load_state_dict(input_model.params)
-    return (EVALUATE if flare.is_evaluate() else TRAIN), input_model.current_round or 0
-
-
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, chunk: int = 2000) -> float:
     """Accuracy over the whole test set; each rank scores its own slice, then the counts are summed."""
@@ -231,8 +192,8 @@ def train(
     max_grad_norm: float,
     seed: int,
     first_epoch: int,
-) -> tuple[float, int]:
-    """Local epochs on this site's shard; returns (mean training loss over all ranks, batches of all ranks).
+) -> float:
+    """Local epochs on this site's shard; returns the mean training loss over all ranks' batches.
 
     The gradient is clipped after DDP has averaged it, so every rank clips the same gradient the same way."""
     ddp.train()
@@ -252,7 +213,7 @@ def train(
             loss_sum += loss.detach()
             steps += 1
     dist.all_reduce(loss_sum)
-    return loss_sum.item() / (steps * world), steps * world
+    return loss_sum.item() / (steps * world)
 
 
 def round_lr(lr: float, current_round: int, warmup_rounds: int) -> float:

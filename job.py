@@ -5,30 +5,56 @@ Runs it in NVFlare's simulator (default), or writes the job folder for `nvflare 
 
 import argparse
 import os
+import pickle
 import sys
 
 # Importing nvflare.recipe takes NVFlare's own --export / --export-dir out of sys.argv; note them first.
 NVFLARE_EXPORT = "--export" in sys.argv[1:]
 
+import torch
 from nvflare.apis.job_def import JobMetaKey
 from nvflare.app_common.workflows.cross_site_model_eval import CrossSiteModelEval
 from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
+from nvflare.client.config import ExchangeFormat
 from nvflare.recipe import (
     SimEnv,
+    add_cross_site_evaluation,
     add_experiment_tracking,
     add_final_global_evaluation,
     set_per_site_config,
     set_recipe_meta,
 )
 
-from local_run import runner
-from local_run.gpu_plan import default_ranks, gpu_blocks, visible_gpus
-from local_run.results import JOB_NAME
-from model import Net, load_global_model
 from protocol import add_training_flags, positive_int, train_args
 from tolerant_fedavg import LiveSitesEvaluation, TolerantFedAvg
 
+# What every site runs, and the model the server starts from. To federate your own model and data, change these
+# four (docs/your-own-model-and-data.md).
+TRAIN_SCRIPT = "client.py"  # what torchrun starts on every rank
+TRAINER_FILES = ["flare_ddp.py", "data.py", "model.py", "protocol.py", "rank_exit.py"]  # what it imports
+
+
+def initial_model(seed: int) -> torch.nn.Module:
+    """The initial global model: the same for the same seed."""
+    from model import Net
+
+    return Net(seed=seed)
+
+
+def check_data(data_root: str) -> str | None:
+    """What a local run checks before anything starts: what is wrong with --data_root, or None."""
+    from data import DataError, batch_paths
+
+    try:
+        batch_paths(data_root)
+    except DataError as e:
+        return str(e)
+    return None
+
+
+JOB_NAME = "pt_ddp_fedavg"  # the job's name, and its folder in every workspace
 EXPORT_DIR = "/tmp/nvflare/jobs/job_config"
+DEFAULT_RANKS = 2  # a site's ranks where no GPU of this machine limits them
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -86,6 +112,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--slurm_gpus_per_node",
         type=positive_int,
         help="GPUs, and so DDP ranks, on each node of a site (with --slurm_nodes)",
+    )
+    p.add_argument(
+        "--cross_site_eval",
+        action="store_true",
+        help="after the last round, NVFlare's cross-site evaluation: every site's own model and the global models "
+        "are scored on every site (instead of the final global model alone)",
+    )
+    p.add_argument(
+        "--exchange_format",
+        choices=["pytorch", "numpy"],
+        default="pytorch",
+        help="how weights travel between sites and server: as PyTorch tensors (any dtype, bf16 included), or as "
+        "NumPy arrays (no bf16)",
     )
     add_training_flags(p)
     p.add_argument(
@@ -203,13 +242,14 @@ def build_recipe(args: argparse.Namespace, gpu_blocks: list[list[str]] | None = 
     sites = site_names(args.n_clients)
     recipe = QuickFedAvgRecipe(
         name=JOB_NAME,
-        model=Net(seed=args.seed),  # the initial global model: the same for the same --seed
+        model=initial_model(args.seed),
         min_clients=len(sites),  # NVFlare's FedAvg samples this many sites a round: all of them
         tolerate_down_to=args.min_clients,
         # A relative path: the recipe copies the file into the job, so the job does not depend on it staying put.
         initial_ckpt=os.path.relpath(args.initial_model) if args.initial_model else None,
         num_rounds=args.num_rounds,
-        train_script=os.path.join(HERE, "client.py"),
+        train_script=os.path.join(HERE, TRAIN_SCRIPT),
+        server_expected_format=ExchangeFormat.PYTORCH if args.exchange_format == "pytorch" else ExchangeFormat.NUMPY,
         launch_external_process=True,
         # Lets torchrun finish on its own at the end instead of being killed mid-shutdown.
         shutdown_timeout=30.0,
@@ -238,19 +278,46 @@ def build_recipe(args: argparse.Namespace, gpu_blocks: list[list[str]] | None = 
         # default grace of 60 s (the same as FedJob's fail_fast).
         "dead_client_grace_period": 0.0,
     })  # fmt: skip
-    for module in ("data.py", "model.py", "protocol.py", "rank_exit.py"):  # what client.py imports
+    for module in TRAINER_FILES:
         recipe.add_client_file(os.path.join(HERE, module))
     if args.min_clients < args.n_clients:
         recipe.add_server_file(os.path.join(HERE, "tolerant_fedavg.py"))
     if args.use_tracking:
         add_experiment_tracking(recipe, "tensorboard")
-    # After the last round, every site scores the final global model, which no round has evaluated.
-    add_final_global_evaluation(recipe)
+    if args.cross_site_eval:
+        add_cross_site_evaluation(recipe)
+    else:  # after the last round, every site scores the final global model, which no round has evaluated
+        add_final_global_evaluation(recipe)
     if args.min_clients < args.n_clients:  # ... every site that is left
         for workflow in recipe._job._deploy_map["server"].app_config.workflows:  # as NVFlare's recipe utils do
             if type(workflow.controller) is CrossSiteModelEval:
                 workflow.controller.__class__ = LiveSitesEvaluation
     return recipe
+
+
+def load_global_model(path: str, model: torch.nn.Module | None = None) -> torch.nn.Module:
+    """`model` (default: this job's initial_model) with the weights of a checkpoint of NVFlare's PyTorch persistor
+    ({"model": state dict, ...}) or of a plain state dict, loaded without running any pickled code. ValueError
+    says what is wrong with any other file."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        blocked = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), None)
+        if blocked:  # the pickle names a class or function, which a checkpoint of tensors never does
+            raise ValueError(f"{path} holds more than tensors, refusing to load it ({blocked})") from None
+        raise ValueError(f"{path} is not a PyTorch checkpoint") from None
+    except OSError as e:
+        raise ValueError(f"{path} can't be read ({e.strerror})") from None
+    except Exception:  # on arbitrary bytes, torch.load fails with errors of many kinds
+        raise ValueError(f"{path} is not a PyTorch checkpoint") from None
+    state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
+    model = initial_model(0) if model is None else model
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        first = str(e).strip().splitlines()[-1].strip() if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path} does not hold the weights of this job's model ({first})") from None
+    return model
 
 
 def main() -> int:
@@ -261,16 +328,13 @@ def main() -> int:
         except ValueError as e:
             print(f"ERROR: --initial_model: {e}; give the FL_global_model.pt of an earlier run", file=sys.stderr)
             return 2
-    local = args.env != "prod" and not (args.export_config or NVFLARE_EXPORT)  # every site on this machine
-    gpus = visible_gpus() if local else []
-    if args.nproc_per_node is None:
-        args.nproc_per_node = [default_ranks(len(gpus), args.n_clients)] * args.n_clients
-        if gpus:
-            print(f"{len(gpus)} GPU(s) visible: {args.nproc_per_node[0]} rank(s) a site (--nproc_per_node not given)")
-    blocks = gpu_blocks(gpus, args.nproc_per_node) if gpus else None
-    if local:
-        args.data_root = os.path.abspath(args.data_root)  # the sites run in folders of their own
-    recipe = build_recipe(args, blocks)
+    if not (args.export_config or NVFLARE_EXPORT or args.env == "prod"):
+        from local_run import runner  # only a run on this machine needs it: job.py can be copied without it
+
+        return runner.run_here(args, build_recipe, site_names(args.n_clients), check_data, DEFAULT_RANKS)
+    # A job for a real system: each site's own machine decides its GPUs.
+    args.nproc_per_node = args.nproc_per_node or [DEFAULT_RANKS] * args.n_clients
+    recipe = build_recipe(args)
     if args.export_config:
         try:
             recipe.export(EXPORT_DIR)
@@ -287,7 +351,9 @@ def main() -> int:
         except OSError as e:
             print(f"ERROR: can't write the job folder: {e}", file=sys.stderr)
             return 2
-    return runner.run_and_report(recipe, args, site_names(args.n_clients), gpus, blocks)
+    from local_run import runner
+
+    return runner.run_on_system(recipe, args, site_names(args.n_clients))
 
 
 if __name__ == "__main__":

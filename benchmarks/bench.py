@@ -32,7 +32,8 @@ PROJECT = os.path.dirname(HERE)
 sys.path.insert(0, PROJECT)  # the example's own modules, one folder up
 
 from data import BATCH_DIR, META_FILE, epoch_batches, load_cifar10, normalize, read_pickle
-from local_run.results import JOB_NAME, back_to_chance, learning_curve, log_times, metric, read_rounds, worst_dip
+from job import JOB_NAME
+from local_run.results import back_to_chance, learning_curve, log_times, metric, read_rounds, worst_dip
 from model import Net
 from protocol import DEFAULT_DATA_ROOT, TRAINING_FLAGS, positive_float, positive_int
 

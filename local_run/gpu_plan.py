@@ -6,8 +6,6 @@ A job for a real system (--export_config, --env prod) names no GPU: each site's 
 
 import os
 
-DEFAULT_RANKS = 2  # a site's ranks where no GPU limits them (and the job for a real system)
-
 
 def visible_gpus() -> list[str]:
     """The GPUs to share out: CUDA_VISIBLE_DEVICES's entries where it is set, otherwise every GPU torch sees."""
@@ -19,9 +17,9 @@ def visible_gpus() -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
-def default_ranks(gpus: int, n_sites: int) -> int:
-    """Ranks a site when --nproc_per_node is not given: 2, or fewer so that every site still trains on GPUs."""
-    return DEFAULT_RANKS if gpus == 0 else max(1, min(DEFAULT_RANKS, gpus // n_sites))
+def default_ranks(gpus: int, n_sites: int, most: int) -> int:
+    """Ranks a site when --nproc_per_node is not given: `most`, or fewer so that every site still trains on GPUs."""
+    return most if gpus == 0 else max(1, min(most, gpus // n_sites))
 
 
 def gpu_blocks(gpus: list[str], ranks: list[int]) -> list[list[str]]:

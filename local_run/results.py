@@ -13,8 +13,6 @@ from datetime import datetime
 
 from protocol import ERROR, STOPPING, rank_line_pattern
 
-JOB_NAME = "pt_ddp_fedavg"  # the job's name, and its folder in every workspace
-
 # Lines of NVFlare's and torchrun's own that the diagnosis reads, checked against nvflare 2.9.0 and torch 2.14.1.
 NVFLARE_END_RUN = "server asked to end the run"  # a site's client, when the server ends its run
 NVFLARE_TRAINER_EXITED = r"trainer process group exited \(rc=(-?\d+)\)"  # the trainer died before its result
@@ -38,13 +36,22 @@ def read_rounds(server_dir: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def read_final_scores(server_dir: str) -> dict[str, float]:
-    """Each site's test accuracy of the final global model, from the evaluation after the last round."""
-    path = os.path.join(server_dir, "cross_site_val", "cross_val_results.json")
+def cross_val_path(server_dir: str) -> str:
+    """NVFlare's JSON of the evaluation after the last round: {site that scored: {model: {"accuracy": ...}}}."""
+    return os.path.join(server_dir, "cross_site_val", "cross_val_results.json")
+
+
+def read_cross_val(server_dir: str) -> dict[str, dict]:
+    path = cross_val_path(server_dir)
     if not os.path.isfile(path):
         return {}
     with open(path) as f:
-        results = json.load(f)
+        return json.load(f)
+
+
+def read_final_scores(server_dir: str) -> dict[str, float]:
+    """Each site's test accuracy of the final global model, from the evaluation after the last round."""
+    results = read_cross_val(server_dir)
     return {
         site: scores["SRV_FL_global_model.pt"]["accuracy"]
         for site, scores in results.items()
@@ -53,7 +60,25 @@ def read_final_scores(server_dir: str) -> dict[str, float]:
 
 
 def metric(metrics: list[dict], name: str) -> float:
-    return next(m["value"] for m in metrics if m["name"] == name)
+    """A metric a site reported; NaN where it reported none of that name (a trainer of the user's own)."""
+    return next((m["value"] for m in metrics if m["name"] == name), math.nan)
+
+
+def cross_site_lines(server_dir: str, sites: list[str]) -> list[str]:
+    """The matrix of NVFlare's cross-site evaluation (--cross_site_eval): a row a model (each site's own, then the
+    server's global models), a column a site that scored it; no lines after a final evaluation of the global
+    model alone."""
+    results = read_cross_val(server_dir)
+    models = sorted({model for scores in results.values() for model in scores}, key=lambda m: (m not in sites, m))
+    if not any(model in sites for model in models):
+        return []
+    width = max(len(m) for m in models)
+    lines = [f"cross-site evaluation, accuracy of each model (row) on each site's test set: {cross_val_path(server_dir)}"]
+    lines.append(f"{'model':<{width}}  " + "  ".join(f"{site:>8}" for site in sites))
+    for model in models:
+        cells = [results.get(site, {}).get(model, {}).get("accuracy") for site in sites]
+        lines.append(f"{model:<{width}}  " + "  ".join("       -" if c is None else f"{c:>8.4f}" for c in cells))
+    return lines
 
 
 def learning_curve(server_dir: str) -> tuple[list[float], list[float]]:
@@ -253,8 +278,9 @@ def summarize(
             f"{site} dropped out in round {r} ({cause}); rounds {r}-{rounds[-1]['round']} averaged "
             f"{' or '.join(map(str, later))} of {len(sites)} sites"
         )
-    shards = {s["name"]: int(metric(s["metrics"], "shard_size")) for r in rounds for s in r["sites"]}
-    print("training shards: " + ", ".join(f"{name} {shards[name]}" for name in sites if name in shards))
+    shards = {s["name"]: metric(s["metrics"], "shard_size") for r in rounds for s in r["sites"]}
+    if not any(math.isnan(size) for size in shards.values()):
+        print("training shards: " + ", ".join(f"{name} {int(shards[name])}" for name in sites if name in shards))
     print("(global accuracy in round R: the test accuracy of the global model that round R started from)")
 
     app_dir = os.path.join(server_dir, "app_server")
@@ -269,4 +295,6 @@ def summarize(
         f"final global model: after round {rounds[-1]['round']}, accuracy {final:.4f}: "
         f"{os.path.join(app_dir, 'FL_global_model.pt')}"
     )
+    for line in cross_site_lines(server_dir, sites):
+        print(line)
     return 0

@@ -14,43 +14,47 @@ import time
 from nvflare.recipe import PocEnv, ProdEnv
 from nvflare.tool.poc.poc_commands import get_poc_workspace
 
-from data import DataError, batch_paths
-from local_run.gpu_plan import plan_lines
+from local_run.gpu_plan import default_ranks, gpu_blocks, plan_lines, visible_gpus
 from local_run.race_free_simulator import SimEnv, console_log
-from local_run.results import JOB_NAME, follow_rounds, summarize
+from local_run.results import follow_rounds, summarize
 from local_run.watchdog import Watchdog
 
 
-def run_and_report(
-    recipe, args: argparse.Namespace, sites: list[str], gpus: list[str], blocks: list[list[str]] | None
-) -> int:
-    """Run the job as job.py's flags say; the exit code. gpus: this machine's GPUs that a local run shares out;
-    blocks: each site's."""
-    # On a real system the data and the ports are the sites' own.
-    problem = preflight(args, sites) if args.env != "prod" else None
+def run_here(args: argparse.Namespace, build_recipe, sites: list[str], check_data, most_ranks: int) -> int:
+    """Run the job on this machine (--env sim or poc) as job.py's flags say, and print the summary; the exit code.
+    build_recipe(args, gpu_blocks) makes the job; check_data(data_root) says what is wrong with the data, or None;
+    most_ranks: a site's ranks where no GPU limits them."""
+    gpus = visible_gpus()
+    if args.nproc_per_node is None:
+        args.nproc_per_node = [default_ranks(len(gpus), args.n_clients, most_ranks)] * args.n_clients
+        if gpus:
+            print(f"{len(gpus)} GPU(s) visible: {args.nproc_per_node[0]} rank(s) a site (--nproc_per_node not given)")
+    blocks = gpu_blocks(gpus, args.nproc_per_node) if gpus else None
+    args.data_root = os.path.abspath(args.data_root)  # the sites run in folders of their own
+    problem = check_data(args.data_root) or preflight(args, sites)
     if problem:
         print(f"ERROR: {problem}", file=sys.stderr)
         return 2
+    recipe = build_recipe(args, blocks)
     # Sites run `python3` from PATH: make that this interpreter, whose environment has torch.
     os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
-    if args.env != "prod":  # every site's ranks share this machine's cores; a user's own setting wins
-        cpus = len(os.sched_getaffinity(0))
-        os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_rank(sum(args.nproc_per_node), cpus)))
-        # torchrun_node (--slurm_nodes) has no --log-dir; this keeps torchrun from leaving a /tmp/torchelastic_*.
-        os.environ.setdefault("PET_LOG_DIR", "/dev/null")
-        # Every site is on this machine: the ranks' process groups listen on loopback, not on the address the
-        # hostname resolves to. (torchrun's own store listens on every interface; docs/security.md.)
-        for variable in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
-            os.environ.setdefault(variable, "lo")
+    # Every site's ranks share this machine's cores; a user's own setting wins.
+    cpus = len(os.sched_getaffinity(0))
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_rank(sum(args.nproc_per_node), cpus)))
+    # torchrun_node (--slurm_nodes) has no --log-dir; this keeps torchrun from leaving a /tmp/torchelastic_*.
+    os.environ.setdefault("PET_LOG_DIR", "/dev/null")
+    # Every site is on this machine: the ranks' process groups listen on loopback, not on the address the
+    # hostname resolves to. (torchrun's own store listens on every interface; docs/security.md.)
+    for variable in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+        os.environ.setdefault(variable, "lo")
     if args.env == "sim":
-        workspace = os.path.join(args.workspace, JOB_NAME)
+        workspace = os.path.join(args.workspace, recipe.name)
         print(
             f"NVFlare's logs: {workspace}/server/log.txt and {workspace}/<site>/log.txt; its console output: "
-            f"{console_log(args.workspace, JOB_NAME)}" + ("" if args.verbose else " (--verbose shows it here)")
+            f"{console_log(args.workspace, recipe.name)}" + ("" if args.verbose else " (--verbose shows it here)")
         )
-    if args.env != "prod":
-        for line in plan_lines(sites, args.nproc_per_node, blocks or [[] for _ in sites], len(gpus)):
-            print(line)
+    for line in plan_lines(sites, args.nproc_per_node, blocks or [[] for _ in sites], len(gpus)):
+        print(line)
     if args.env == "sim":
         return run_in_simulator(recipe, args, sites)
     return run_on_system(recipe, args, sites)
@@ -74,11 +78,7 @@ def threads_per_rank(ranks: int, cpus: int) -> int:
 
 
 def preflight(args: argparse.Namespace, sites: list[str]) -> str | None:
-    """What a local run needs, checked before any process starts: what is wrong, or None."""
-    try:
-        batch_paths(args.data_root)
-    except DataError as e:
-        return str(e)
+    """The ports a local run needs, checked before any process starts: what is wrong, or None."""
     for i, site in enumerate(sites if args.master_port else []):
         if port_in_use(args.master_port + i):
             return (
@@ -90,7 +90,7 @@ def preflight(args: argparse.Namespace, sites: list[str]) -> str | None:
 
 def run_in_simulator(recipe, args: argparse.Namespace, sites: list[str]) -> int:
     env = SimEnv(clients=sites, workspace_root=args.workspace, quiet=not args.verbose)
-    workspace = os.path.join(args.workspace, JOB_NAME)
+    workspace = os.path.join(args.workspace, recipe.name)
     server_dir = os.path.join(workspace, "server", "simulate_job")
     done = threading.Event()
     threading.Thread(target=follow_rounds, args=(server_dir, args.num_rounds, done), daemon=True).start()
@@ -139,7 +139,7 @@ def run_on_system(recipe, args: argparse.Namespace, sites: list[str]) -> int:
         finally:
             watchdog.hold_signals()  # whatever happened, and whatever signal comes now, the POC goes
             if args.env == "poc":
-                result = stop_poc(env, run, result, args, sites, aborted=watchdog.signum is not None)
+                result = stop_poc(env, run, recipe.name, result, args, sites, aborted=watchdog.signum is not None)
     if args.env == "poc":  # what NVFlare's stop could not clean, now that every process of it has ended
         shutil.rmtree(get_poc_workspace(), ignore_errors=True)
     if watchdog.signum:
@@ -166,12 +166,14 @@ def summarize_kept(result: str, args: argparse.Namespace, sites: list[str], logs
                      args.min_clients)  # fmt: skip
 
 
-def stop_poc(env, run, download: str | None, args: argparse.Namespace, sites: list[str], aborted: bool) -> str | None:
+def stop_poc(
+    env, run, job_name: str, download: str | None, args: argparse.Namespace, sites: list[str], aborted: bool
+) -> str | None:
     """Keep what the job left, then stop and delete job.py's own POC; returns where the job's folders are kept."""
     try:
         if run is None:
             return None
-        kept = keep_poc_job(run.get_job_id(), download, args.workspace, sites)  # the POC workspace goes next
+        kept = keep_poc_job(run.get_job_id(), job_name, download, args.workspace, sites)  # the POC goes next
         if aborted:
             # Otherwise the job stays RUNNING in NVFlare's job store, which outlives the POC workspace, and the next
             # POC's stop fails on it.
@@ -188,11 +190,11 @@ def wait_until_finished(run, timeout: float) -> None:
         time.sleep(0.5)
 
 
-def keep_poc_job(job_id: str, download: str | None, workspace: str, sites: list[str]) -> str:
+def keep_poc_job(job_id: str, job_name: str, download: str | None, workspace: str, sites: list[str]) -> str:
     """Copy what a POC job left to workspace/<job>/<id> before the POC is deleted: the downloaded result, or,
     for a job still running, the server's job folder (both as workspace/), and each site's log (<site>/log.txt)."""
     project = os.path.join(get_poc_workspace(), "example_project", "prod_00")
-    kept = os.path.join(workspace, JOB_NAME, job_id)
+    kept = os.path.join(workspace, job_name, job_id)
     sources = (
         [(download, kept)] if download else [(os.path.join(project, "server", job_id), os.path.join(kept, "workspace"))]
     )

@@ -12,8 +12,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from data import epoch_batches  # noqa: E402
-from local_run.results import JOB_NAME, log_times, metric, read_rounds  # noqa: E402
+from job import JOB_NAME  # noqa: E402
+from local_run.results import log_times, metric, read_rounds  # noqa: E402
 from protocol import TRAINING_FLAGS  # noqa: E402
 
 
@@ -148,11 +148,10 @@ def assert_learns(rounds: list[dict]) -> None:
     assert last > 0.5 and last > first + 0.3, (first, last)
 
 
-def site_steps(shard: int, world_size: int) -> int:
-    """Optimizer steps a site reports for a round, and so its FedAvg weight: every rank's batches of every local
-    epoch (at the defaults)."""
-    epochs, batch_size = (TRAINING_FLAGS[name]["default"] for name in ("epochs", "batch_size"))
-    return world_size * epochs * len(epoch_batches(shard, 0, world_size, batch_size, epoch=0, seed=0))
+def site_weight(shard: int) -> int:
+    """The FedAvg weight a site reports for a round: the samples it trained, every sample of its shard in every
+    local epoch (at the defaults), however many ranks it has."""
+    return TRAINING_FLAGS["epochs"]["default"] * shard
 
 
 def assert_clean(workspace: str) -> None:

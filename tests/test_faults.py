@@ -26,8 +26,8 @@ from conftest import (
     venv_env,
     wait_for_log_lines,
 )
-from local_run.results import JOB_NAME, log_times
-from model import load_global_model
+from job import JOB_NAME, load_global_model
+from local_run.results import log_times
 
 pytestmark = pytest.mark.e2e  # real runs of job.py or nvflare: the full tier only
 

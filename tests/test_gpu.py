@@ -8,7 +8,8 @@ import time
 import pytest
 
 from conftest import GPUS, assert_clean, assert_learns, processes_of, round_metrics, run_job
-from local_run.results import JOB_NAME, log_times
+from job import JOB_NAME
+from local_run.results import log_times
 
 pytestmark = [
     pytest.mark.e2e,

@@ -7,10 +7,11 @@ import re
 
 import pytest
 
-from conftest import assert_learns, round_metrics, run_job, site_steps
+from conftest import assert_learns, round_metrics, run_job, site_weight
 from data import load_cifar10, partition_indices
+from job import JOB_NAME
 from local_run.gpu_plan import default_ranks, gpu_blocks, plan_lines
-from local_run.results import JOB_NAME, metric
+from local_run.results import metric
 
 SITES = ["site-1", "site-2"]
 
@@ -96,9 +97,9 @@ def test_sites_of_different_sizes_train_together(synthetic_root, tmp_path):
     rounds = round_metrics(workspace)
     for r in rounds:
         reported = {s["name"]: s for s in r["sites"]}
-        for site, shard, world_size in zip(SITES, shards, (2, 1)):
+        for site, shard in zip(SITES, shards):
             assert metric(reported[site]["metrics"], "shard_size") == len(shard)
-            assert reported[site]["weight"] == site_steps(len(shard), world_size)  # FedAvg weighs the work done
+            assert reported[site]["weight"] == site_weight(len(shard))  # FedAvg weighs the samples trained
     assert_learns(rounds)
 
 

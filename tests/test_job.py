@@ -27,9 +27,10 @@ from conftest import (
     wait_for_log_lines,
 )
 from data import load_cifar10, normalize
+from job import JOB_NAME, load_global_model
 from local_run.race_free_simulator import console_log
-from local_run.results import JOB_NAME, metric, read_final_scores
-from model import Net, load_global_model
+from local_run.results import metric, read_final_scores
+from model import Net
 
 
 def job_main(monkeypatch, capsys, *args, **env) -> tuple[int, str, str]:

@@ -7,7 +7,8 @@ import os
 import pytest
 
 from conftest import run_job
-from local_run.results import JOB_NAME, back_to_chance, learning_curve, worst_dip
+from job import JOB_NAME
+from local_run.results import back_to_chance, learning_curve, worst_dip
 
 pytestmark = pytest.mark.e2e  # real runs of job.py or nvflare: the full tier only
 

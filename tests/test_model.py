@@ -3,7 +3,8 @@ import os
 import pytest
 import torch
 
-from model import Net, load_global_model
+from job import load_global_model
+from model import Net
 
 
 def test_forward_gives_ten_logits_per_image():

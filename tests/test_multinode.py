@@ -34,10 +34,11 @@ from conftest import (
     poc_system,
     processes_left,
     run_job,
-    site_steps,
+    site_weight,
     venv_env,
 )
-from local_run.results import JOB_NAME, read_rounds
+from job import JOB_NAME
+from local_run.results import read_rounds
 
 NODE_GROUP = {"NVFL_NNODES": "2", "NVFL_MASTER_ADDR": "127.0.0.1", "NVFL_MASTER_PORT": "7870", "NVFL_RUN_ID": "1"}
 # What every POC process gets: one CPU thread a rank (3 ranks share this machine's cores; torchrun sets this only
@@ -197,9 +198,9 @@ def test_a_site_on_two_nodes_trains_over_both(poc, synthetic_root, tmp_path):
     for r in rounds:
         sites = {s["name"]: s for s in r["sites"]}
         assert sorted(sites) == ["site-1", "site-2"]
-        # The server weighs each site by the steps it reports: site-1's count both nodes' ranks.
-        assert sites["site-1"]["weight"] == site_steps(5000, world_size=2)
-        assert sites["site-2"]["weight"] == site_steps(5000, world_size=1)
+        # The server weighs each site by the samples it trained, whatever its ranks and nodes.
+        assert sites["site-1"]["weight"] == site_weight(5000)
+        assert sites["site-2"]["weight"] == site_weight(5000)
     assert_learns(rounds)
     assert processes_left(run["job_dir"]) == []
 

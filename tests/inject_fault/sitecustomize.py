@@ -1,7 +1,7 @@
 """For tests: makes a rank of the trainer fail on cue, from outside client.py (the shipped trainer reads no switch).
 
 With this folder on PYTHONPATH (conftest.venv_env puts it there whenever a test sets DDP_EXAMPLE_FAULT), a process
-that runs client.py imports it as a module, wraps two of its functions, and then runs its main().
+that runs client.py imports it as a module, wraps its warm_up and flare_ddp.tasks, and then runs its main().
 
 DDP_EXAMPLE_FAULT=SITE:RANK:PHASE:KIND, several comma-separated. That rank fails when it reaches PHASE: `start` (after
 its warm-up, before the handshake), a round number (when that round's task arrives), or `eval` (the final
@@ -38,19 +38,19 @@ def run_client_with_faults() -> None:
     import client
 
     site = client.parse_args(sys.argv[1:]).site
-    warm_up, broadcast_task = client.warm_up, client.broadcast_task
+    warm_up, tasks = client.warm_up, client.flare_ddp.tasks
 
     def warm_up_then_fail(*args, **kwargs):
         warm_up(*args, **kwargs)
         inject(site, dist.get_rank(), "start")
 
-    def broadcast_task_then_fail(*args, **kwargs):
-        task, current_round = broadcast_task(*args, **kwargs)
-        if task != client.STOP:
-            inject(site, dist.get_rank(), "eval" if task == client.EVALUATE else str(current_round))
-        return task, current_round
+    def tasks_then_fail(*args, **kwargs):
+        for task in tasks(*args, **kwargs):
+            if task.kind != client.flare_ddp.SUBMIT_MODEL:
+                inject(site, dist.get_rank(), "eval" if task.kind == client.flare_ddp.VALIDATE else str(task.round))
+            yield task
 
-    client.warm_up, client.broadcast_task = warm_up_then_fail, broadcast_task_then_fail
+    client.warm_up, client.flare_ddp.tasks = warm_up_then_fail, tasks_then_fail
     client.main()
 
 

@@ -1,0 +1,121 @@
+"""Federate a PyTorch DistributedDataParallel training loop with NVFlare: global rank 0 talks to the NVFlare
+server, and every rank gets the task, the round and the global weights. It imports only torch and nvflare.
+
+In the script that torchrun starts on each site, after `dist.init_process_group(...)`:
+
+    import flare_ddp
+
+    flare_ddp.init()                              # every rank; only rank 0 shakes hands with NVFlare
+    for task in flare_ddp.tasks(model):           # every rank; `model` is the plain module, not the DDP wrapper
+        if task.kind == flare_ddp.SUBMIT_MODEL:   # cross-site evaluation asks for this site's own model
+            task.send(params=model.state_dict())  # nothing was loaded for this task: the model is the local one
+            continue
+        accuracy = evaluate(model)                # the global weights are already loaded, on every rank
+        if task.kind == flare_ddp.VALIDATE:       # score the weights, train nothing
+            task.send(metrics={"accuracy": accuracy})
+            continue
+        samples = train(ddp_model, ...)           # flare_ddp.TRAIN: your own DDP loop, unchanged
+        task.send(params=model.state_dict(), metrics={"accuracy": accuracy}, weight=samples)
+
+Every rank runs every line: `task.send` does its work on rank 0 and nothing elsewhere, so the loop needs no
+`if rank == 0`. The loop ends when the server ends the job. Every task must be answered with one `send`.
+
+How it works: rank 0 calls `flare.receive()` and loads the weights into `model`; then it broadcasts the task's
+kind and round to every rank over a gloo group that waits as long as the server takes, and the weights over the
+default (training) group, NCCL or gloo, so every rank starts the task from the same weights. This is what
+NVFlare's Lightning bridge (nvflare/app_opt/lightning/api.py) does for Lightning."""
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+import nvflare.client as flare
+import torch
+import torch.distributed as dist
+from nvflare.apis.fl_constant import FLMetaKey
+
+# The kinds of task NVFlare's PyTorch recipes send a trainer.
+TRAIN = "train"  # FedAvg's round: train from the global weights, send the new weights
+VALIDATE = "validate"  # score the weights received (the final global model, or another site's), send metrics
+SUBMIT_MODEL = "submit_model"  # cross-site evaluation: send this site's own model
+_KINDS = [None, TRAIN, VALIDATE, SUBMIT_MODEL]  # their codes on the wire; None (0) means the job has ended
+
+# How long ranks other than 0 wait for the next task: as long as the slowest site's round and the server take.
+TASK_WAIT = timedelta(days=1)
+
+_control = None  # the gloo group the tasks travel on
+
+
+@dataclass
+class Task:
+    """One task from the server, as every rank sees it."""
+
+    kind: str  # TRAIN, VALIDATE or SUBMIT_MODEL
+    round: int  # FedAvg's round (0 for tasks outside the rounds)
+    total_rounds: int  # FedAvg's number of rounds (0 where the server did not say)
+    answered: bool = False
+
+    def send(self, params: dict | None = None, metrics: dict | None = None, weight: float | None = None) -> None:
+        """Answer the task; on ranks other than 0 this only marks it answered.
+
+        params: a state dict (moved to the CPU before sending); metrics: numbers by name; weight: how much FedAvg
+        counts this site's update against the others' (for example the samples it trained; NVFlare's
+        NUM_STEPS_CURRENT_ROUND)."""
+        if self.answered:
+            raise RuntimeError(f"the {self.kind} task of round {self.round} was answered already")
+        self.answered = True
+        if dist.get_rank() != 0:
+            return
+        meta = {} if weight is None else {FLMetaKey.NUM_STEPS_CURRENT_ROUND: weight}
+        cpu_params = None if params is None else {name: t.detach().cpu() for name, t in params.items()}
+        flare.send(flare.FLModel(params=cpu_params, metrics=metrics, meta=meta))
+
+
+def init() -> None:
+    """Call on every rank after dist.init_process_group(): rank 0 shakes hands with the NVFlare client."""
+    global _control
+    _control = dist.new_group(backend="gloo", timeout=TASK_WAIT)
+    if dist.get_rank() == 0:
+        flare.init(rank=0)
+
+
+def tasks(model: torch.nn.Module):
+    """The server's tasks, one at a time, on every rank, until the job ends. For TRAIN and VALIDATE the task's
+    weights are in `model` on every rank when the task is handed out; for SUBMIT_MODEL the model is left as it is."""
+    if _control is None:
+        raise RuntimeError("call flare_ddp.init() on every rank before flare_ddp.tasks()")
+    task = None
+    while True:
+        if task is not None and not task.answered:
+            raise RuntimeError(f"the {task.kind} task of round {task.round} got no answer: call task.send() once")
+        header = torch.tensor(_receive(model) if dist.get_rank() == 0 else [0, 0, 0, 0])
+        dist.broadcast(header, src=0, group=_control)
+        code, current_round, total_rounds, loaded = header.tolist()
+        if code == 0:
+            return
+        if loaded:
+            for tensor in model.state_dict().values():
+                dist.broadcast(tensor, src=0)
+        task = Task(_KINDS[code], current_round, total_rounds)
+        yield task
+
+
+def _receive(model: torch.nn.Module) -> list[int]:
+    """On rank 0: the next task from the server, its weights loaded into `model`: [kind code, round, rounds,
+    whether weights were loaded]."""
+    received = flare.receive() if flare.is_running() else None
+    if received is None:
+        return [0, 0, 0, 0]
+    if flare.is_submit_model():
+        kind = SUBMIT_MODEL
+    elif flare.is_evaluate():
+        kind = VALIDATE
+    elif flare.is_train():
+        kind = TRAIN
+    else:
+        raise RuntimeError("the server sent a task that is not train, validate or submit_model")
+    loaded = kind != SUBMIT_MODEL
+    if loaded:
+        if received.params is None:
+            raise RuntimeError(f"the server sent a {kind} task without weights")
+        model.load_state_dict(received.params)
+    return [_KINDS.index(kind), received.current_round or 0, received.total_rounds or 0, int(loaded)]
