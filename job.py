@@ -26,7 +26,7 @@ from nvflare.recipe import (
 )
 
 from protocol import add_training_flags, positive_int, train_args
-from tolerant_fedavg import LiveSitesEvaluation, TolerantFedAvg
+from server_fedavg import DtypeKeepingFedAvg, LiveSitesEvaluation, TolerantFedAvg
 
 # What every site runs, and the model the server starts from. To federate your own model and data, change these
 # four (docs/your-own-model-and-data.md).
@@ -203,9 +203,9 @@ def site_command(nproc_per_node: int, master_port: int | None, gpus: list[str] |
 
 
 class QuickFedAvgRecipe(FedAvgRecipe):
-    """FedAvg whose server notices finished tasks within 0.1 s instead of NVFlare's default 0.5 s. With
-    `tolerate_down_to` K below the number of sites, the server runs TolerantFedAvg: failed sites drop out, down to
-    K sites."""
+    """FedAvg whose global model keeps every tensor's dtype (DtypeKeepingFedAvg), and whose server notices finished
+    tasks within 0.1 s instead of NVFlare's default 0.5 s. With `tolerate_down_to` K below the number of sites, the
+    server runs TolerantFedAvg: failed sites drop out, down to K sites."""
 
     def __init__(self, *, tolerate_down_to: int, **kwargs):
         self.tolerate_down_to = tolerate_down_to  # read while the parent's __init__ creates the controller
@@ -215,11 +215,10 @@ class QuickFedAvgRecipe(FedAvgRecipe):
         return {**super()._get_controller_kwargs(), "task_check_period": 0.1}
 
     def _create_controller(self, persistor_id, model_params, model_aggregator):
-        if self.tolerate_down_to >= self.min_clients:
-            return super()._create_controller(persistor_id, model_params, model_aggregator)
         # The arguments of NVFlare 2.9's FedAvgRecipe._create_controller, plus the floor.
-        return TolerantFedAvg(
-            min_clients=self.tolerate_down_to,
+        tolerant = self.tolerate_down_to < self.min_clients
+        return (TolerantFedAvg if tolerant else DtypeKeepingFedAvg)(
+            **({"min_clients": self.tolerate_down_to} if tolerant else {}),
             num_clients=self.min_clients,
             num_rounds=self.num_rounds,
             persistor_id=persistor_id,
@@ -280,8 +279,7 @@ def build_recipe(args: argparse.Namespace, gpu_blocks: list[list[str]] | None = 
     })  # fmt: skip
     for module in TRAINER_FILES:
         recipe.add_client_file(os.path.join(HERE, module))
-    if args.min_clients < args.n_clients:
-        recipe.add_server_file(os.path.join(HERE, "tolerant_fedavg.py"))
+    recipe.add_server_file(os.path.join(HERE, "server_fedavg.py"))
     if args.use_tracking:
         add_experiment_tracking(recipe, "tensorboard")
     if args.cross_site_eval:

@@ -73,7 +73,9 @@ def cross_site_lines(server_dir: str, sites: list[str]) -> list[str]:
     if not any(model in sites for model in models):
         return []
     width = max(len(m) for m in models)
-    lines = [f"cross-site evaluation, accuracy of each model (row) on each site's test set: {cross_val_path(server_dir)}"]
+    lines = [
+        f"cross-site evaluation, accuracy of each model (row) on each site's test set: {cross_val_path(server_dir)}"
+    ]
     lines.append(f"{'model':<{width}}  " + "  ".join(f"{site:>8}" for site in sites))
     for model in models:
         cells = [results.get(site, {}).get(model, {}).get("accuracy") for site in sites]

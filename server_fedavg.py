@@ -1,7 +1,9 @@
-"""The server's workflows for `--min_clients K` below the number of sites: FedAvg that goes on without a site
-whose training failed, as long as at least K sites send a result in every round, and a final evaluation on the
-sites that are left."""
+"""The server's workflows: NVFlare's FedAvg, with every tensor kept in its dtype; for `--min_clients K` below the
+number of sites, FedAvg that goes on without a site whose training failed, as long as at least K sites send a
+result in every round, and a final evaluation on the sites that are left."""
 
+import numpy as np
+import torch
 from nvflare.apis.shareable import ReturnCode
 from nvflare.app_common.workflows.cross_site_model_eval import CrossSiteModelEval
 from nvflare.app_common.workflows.fedavg import FedAvg
@@ -10,8 +12,47 @@ from nvflare.app_common.workflows.fedavg import FedAvg
 DROPPED_SITES = "ddp_example_dropped_sites"
 
 
-class TolerantFedAvg(FedAvg):
-    """NVFlare 2.9's FedAvg, with two changes:
+class DtypeKeepingFedAvg(FedAvg):
+    """NVFlare 2.9's FedAvg, whose global model keeps the dtype of every tensor the sites send.
+
+    NVFlare's own averages each tensor in its dtype: bf16 and fp16 weights are rounded twice (when weighted, when
+    divided), and an integer buffer (BatchNorm's num_batches_tracked) comes back as a float. Here each tensor is
+    averaged in float64 and cast back, integers rounded: with one site, the global model is exactly what it sent."""
+
+    def _aggregate_one_result(self, result) -> bool:
+        if result.params:
+            self._dtypes = {name: value.dtype for name, value in result.params.items()}
+            result.params = {name: _widen(value) for name, value in result.params.items()}
+        return super()._aggregate_one_result(result)
+
+    def _get_aggregated_result(self):
+        aggregated = super()._get_aggregated_result()
+        if aggregated.params and hasattr(self, "_dtypes"):
+            aggregated.params = {
+                name: _narrow(value, self._dtypes[name]) if name in self._dtypes else value
+                for name, value in aggregated.params.items()
+            }
+        return aggregated
+
+
+def _widen(value):
+    if isinstance(value, torch.Tensor):
+        return value.to(torch.float64)
+    if isinstance(value, np.ndarray):
+        return value.astype(np.float64)
+    return value
+
+
+def _narrow(value, dtype):
+    if isinstance(value, torch.Tensor):
+        return (value.round() if not (dtype.is_floating_point or dtype.is_complex) else value).to(dtype)
+    if isinstance(value, np.ndarray):
+        return (np.rint(value) if np.issubdtype(dtype, np.integer) else value).astype(dtype)
+    return value
+
+
+class TolerantFedAvg(DtypeKeepingFedAvg):
+    """DtypeKeepingFedAvg, with two changes:
     - a site whose `train` task fails (its trainer died or raised) drops out: it gets no further task, and the
       round averages the results of the others;
     - a round that ends with fewer than `min_clients` results fails the job, as FedAvg does for any failure.
