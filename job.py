@@ -81,8 +81,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num_rounds", type=positive_int, default=5, help="FedAvg rounds")
     p.add_argument(
         "--export_config",
-        action="store_true",
-        help=f"write the job folder to {EXPORT_DIR} for `nvflare job submit` instead of running it",
+        nargs="?",
+        const=EXPORT_DIR,
+        metavar="DIR",
+        help=f"write the job folder to DIR (default {EXPORT_DIR}) for `nvflare job submit` instead of running it",
     )
     p.add_argument("--n_clients", type=positive_int, default=2, help="number of sites, named site-1..site-N")
     p.add_argument(
@@ -335,11 +337,11 @@ def main() -> int:
     recipe = build_recipe(args)
     if args.export_config:
         try:
-            recipe.export(EXPORT_DIR)
+            recipe.export(args.export_config)
         except OSError as e:
-            print(f"ERROR: can't write the job folder to {EXPORT_DIR}: {e.strerror}", file=sys.stderr)
+            print(f"ERROR: can't write the job folder to {args.export_config}: {e.strerror}", file=sys.stderr)
             return 2
-        job_dir = os.path.join(EXPORT_DIR, JOB_NAME)
+        job_dir = os.path.join(args.export_config, JOB_NAME)
         print(f"job folder written to {job_dir}; submit it with: nvflare job submit -j {job_dir}")
         return 0
     if NVFLARE_EXPORT:

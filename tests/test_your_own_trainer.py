@@ -1,0 +1,208 @@
+"""docs/your-own-model-and-data.md, followed to the letter: its code blocks become the files of an empty folder with
+the files it says to copy, and the job runs for real. Then the same bridge carries a model of bf16, fp16 and an
+integer buffer through a real job, and job.py, copied without local_run/, still exports a job that runs."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, assert_clean, assert_learns, processes_of, round_metrics, venv_env
+from job import JOB_NAME
+from local_run.results import metric, read_rounds
+
+DOC = os.path.join(ROOT, "docs", "your-own-model-and-data.md")
+COPIED = ["flare_ddp.py", "job.py", "protocol.py", "server_fedavg.py", "local_run"]  # the doc's "What to copy"
+
+
+def doc_blocks() -> dict[str, str]:
+    """The doc's python blocks, by the file named in their first line (`# my_model.py`)."""
+    with open(DOC) as f:
+        blocks = re.findall(r"```python\n# (\S+)\n(.*?)```", f.read(), re.S)
+    return dict(blocks)
+
+
+def copy_files(folder, names) -> None:
+    for name in names:
+        source = os.path.join(ROOT, name)
+        if os.path.isdir(source):
+            shutil.copytree(source, folder / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(source, folder / name)
+
+
+def your_project(folder, blocks: dict[str, str]) -> None:
+    """An empty folder made as the doc says: the copied files, the new files, and job.py's block replaced."""
+    folder.mkdir()
+    copy_files(folder, COPIED)
+    for name, code in blocks.items():
+        if name != "job.py":
+            (folder / name).write_text(code)
+    job = (folder / "job.py").read_text()
+    start, end = job.index("TRAIN_SCRIPT = "), job.index("JOB_NAME = ")
+    (folder / "job.py").write_text(job[:start] + blocks["job.py"] + "\n\n" + job[end:])
+
+
+def run_your_job(folder, *args, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "job.py", *args], cwd=folder, env=venv_env(), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def points(n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """4 classes of 16 features: a Gaussian cloud around each class's centre."""
+    centres = torch.randn(4, 16, generator=torch.Generator().manual_seed(0)) * 1.5
+    y = torch.randint(0, 4, (n,), generator=generator)
+    return {"x": centres[y] + torch.randn(n, 16, generator=generator), "y": y}
+
+
+def test_the_doc_has_every_file_it_names_and_a_short_trainer():
+    blocks = doc_blocks()
+    assert set(blocks) == {"my_model.py", "my_trainer.py", "job.py"}
+    assert len(blocks["my_trainer.py"].splitlines()) <= 75  # a trainer of its own, Dataset included
+    assert "data" not in re.findall(r"^(?:from|import) (\w+)", blocks["my_trainer.py"], re.M)  # none of data.py
+
+
+@pytest.mark.e2e
+def test_the_doc_makes_a_trainer_of_your_own_that_learns(tmp_path):
+    your_project(tmp_path / "yours", doc_blocks())
+    data = tmp_path / "data"
+    data.mkdir()
+    g = torch.Generator().manual_seed(1)
+    # 2,002 training samples: 1,001 a site, which 2 ranks can't split evenly.
+    torch.save(points(2002, g), data / "train.pt")
+    torch.save(points(1000, g), data / "test.pt")
+    workspace = str(tmp_path / "ws")
+    result = run_your_job(
+        tmp_path / "yours", "--num_rounds", "3", "--epochs", "1", "--data_root", str(data), "--workspace", workspace
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "site-1: 2 rank(s) on the CPU" in result.stdout and "site-2: 2 rank(s) on the CPU" in result.stdout
+    rounds = round_metrics(workspace)
+    assert [len(r["sites"]) for r in rounds] == [2, 2, 2]
+    assert all(s["weight"] == 1001 for r in rounds for s in r["sites"])
+    first, last = (metric(r["aggregated_metrics"], "accuracy") for r in (rounds[0], rounds[-1]))
+    assert first < 0.5 and last > 0.8, (first, last)  # 4 classes: chance is 0.25
+    model = torch.load(
+        os.path.join(workspace, JOB_NAME, "server", "simulate_job", "app_server", "FL_global_model.pt"),
+        weights_only=True,
+    )["model"]
+    assert model["layers.1.num_batches_tracked"].dtype == torch.int64
+    assert model["layers.1.num_batches_tracked"].item() > 0  # BatchNorm's counter came back from the sites
+    assert processes_of(workspace) == []
+
+
+# A trainer that sends weights of three dtypes, and keeps what it sent in --data_root for the test to compare.
+MIXED_MODEL = """
+import torch
+from torch import nn
+
+
+class Mixed(nn.Module):
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.half = nn.Linear(8, 4).to(torch.float16)
+        self.brain = nn.Linear(4, 2).to(torch.bfloat16)
+        self.register_buffer("steps", torch.tensor([7, 2**40 + 3], dtype=torch.int64))
+"""
+MIXED_TRAINER = """
+import argparse, os
+import torch
+import torch.distributed as dist
+import flare_ddp
+from my_model import Mixed
+
+p = argparse.ArgumentParser()
+p.add_argument("--data_root")
+args, _ = p.parse_known_args()
+dist.init_process_group("gloo")
+model = Mixed()
+flare_ddp.init()
+for task in flare_ddp.tasks(model):
+    if task.kind != flare_ddp.TRAIN:
+        task.send(metrics={"accuracy": 0.0})
+        continue
+    g = torch.Generator().manual_seed(task.round)  # the same on every rank
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.add_(torch.randn(tensor.shape, generator=g).to(tensor.dtype) / 3)
+            else:
+                tensor.add_(1000 * task.round + 1)
+    if dist.get_rank() == 0:
+        torch.save(model.state_dict(), os.path.join(args.data_root, f"sent_{task.round}.pt"))
+    task.send(params=model.state_dict(), metrics={"accuracy": 0.0, "train_loss": 0.0}, weight=3)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.e2e
+def test_bf16_fp16_and_integer_tensors_keep_dtype_and_value_through_fedavg(tmp_path):
+    blocks = doc_blocks()
+    blocks["my_model.py"], blocks["my_trainer.py"] = MIXED_MODEL, MIXED_TRAINER
+    blocks["job.py"] = blocks["job.py"].replace("MyNet", "Mixed")
+    your_project(tmp_path / "yours", blocks)
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("train.pt", "test.pt"):  # what the doc's check_data asks for
+        (data / name).write_bytes(b"")
+    workspace = str(tmp_path / "ws")
+    result = run_your_job(
+        tmp_path / "yours", "--n_clients", "1", "--num_rounds", "2", "--data_root", str(data), "--workspace", workspace
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    saved = torch.load(
+        os.path.join(workspace, JOB_NAME, "server", "simulate_job", "app_server", "FL_global_model.pt"),
+        weights_only=True,
+    )["model"]
+    sent = torch.load(data / "sent_1.pt", weights_only=True)
+    assert {k: v.dtype for k, v in saved.items()} == {k: v.dtype for k, v in sent.items()}
+    assert {v.dtype for v in saved.values()} == {torch.float16, torch.bfloat16, torch.int64}
+    # One site: FedAvg's average is its own update, computed in float64 and cast back, so exactly what it sent.
+    for name, tensor in sent.items():
+        assert torch.equal(saved[name], tensor), name
+    assert saved["steps"].tolist() == [7 + 1 + 1001, 2**40 + 3 + 1 + 1001]  # beyond float32's 24 bits
+    assert_clean(workspace)
+
+
+TRAINER_FILES = ["client.py", "flare_ddp.py", "data.py", "model.py", "protocol.py", "rank_exit.py", "server_fedavg.py"]
+
+
+def test_job_py_exports_without_the_runner(tmp_path):
+    folder = tmp_path / "copied"
+    folder.mkdir()
+    copy_files(folder, ["job.py", *TRAINER_FILES])
+    result = run_your_job(folder, "--export_config", str(tmp_path / "out"), "--num_rounds", "1", timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    job_dir = tmp_path / "out" / JOB_NAME
+    assert f"job folder written to {job_dir}" in result.stdout
+    for site in ("site-1", "site-2"):
+        assert {"client.py", "flare_ddp.py"} <= set(os.listdir(job_dir / f"app_{site}" / "custom"))
+    assert not (folder / "local_run").exists()
+
+
+@pytest.mark.e2e
+def test_the_job_exported_without_the_runner_runs(synthetic_root, tmp_path):
+    folder = tmp_path / "copied"
+    folder.mkdir()
+    copy_files(folder, ["job.py", *TRAINER_FILES])
+    exported = run_your_job(
+        folder, "--export_config", str(tmp_path / "out"), "--num_rounds", "2", "--data_root", synthetic_root
+    )
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    workspace = str(tmp_path / "ws")
+    ran = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "local_run", "race_free_simulator.py"), str(tmp_path / "out" / JOB_NAME),
+         "-w", workspace, "-n", "2", "-t", "2"],
+        env=venv_env(), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
+    rounds = read_rounds(os.path.join(workspace, "server", "simulate_job"))
+    assert [len(r["sites"]) for r in rounds] == [2, 2]
+    assert_learns(rounds)
+    assert processes_of(workspace) == []
