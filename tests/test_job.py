@@ -427,3 +427,29 @@ def test_a_local_run_listens_on_loopback_only_but_for_torchruns_store(synthetic_
         ("::", 7875),
         ("::", 7876),
     }
+
+
+@pytest.mark.e2e
+def test_cross_site_eval_scores_every_sites_model_and_the_global_ones_on_every_site(synthetic_root, tmp_path):
+    workspace = str(tmp_path)
+    result = run_job(
+        "--num_rounds", "2", "--cross_site_eval", "--data_root", synthetic_root, "--workspace", workspace,
+        "--master_port", "7880",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    server_dir = os.path.join(workspace, JOB_NAME, "server", "simulate_job")
+    path = os.path.join(server_dir, "cross_site_val", "cross_val_results.json")
+    with open(path) as f:
+        matrix = json.load(f)
+    models = ["site-1", "site-2", "SRV_FL_global_model.pt", "SRV_best_FL_global_model.pt"]
+    assert sorted(matrix) == ["site-1", "site-2"]  # every site scored ...
+    assert all(sorted(scores) == sorted(models) for scores in matrix.values())  # ... every model
+    # Each site's own model is what it sent in the last round: its local accuracy then.
+    last = {s["name"]: metric(s["metrics"], "local_accuracy") for s in round_metrics(workspace)[-1]["sites"]}
+    for site in ("site-1", "site-2"):
+        assert matrix[site][site]["accuracy"] == pytest.approx(last[site], abs=1e-6)
+    lines = result.stdout.splitlines()
+    header = lines.index(f"cross-site evaluation, accuracy of each model (row) on each site's test set: {path}")
+    rows = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in lines[header + 2 : header + 6]}
+    assert rows == {m: [round(matrix[s][m]["accuracy"], 4) for s in ("site-1", "site-2")] for m in models}
+    assert_clean(workspace)

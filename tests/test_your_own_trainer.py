@@ -63,7 +63,8 @@ def points(n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
 def test_the_doc_has_every_file_it_names_and_a_short_trainer():
     blocks = doc_blocks()
     assert set(blocks) == {"my_model.py", "my_trainer.py", "job.py"}
-    assert len(blocks["my_trainer.py"].splitlines()) <= 75  # a trainer of its own, Dataset included
+    # A trainer of its own, Dataset included, in about 60 lines of code.
+    assert sum(1 for line in blocks["my_trainer.py"].splitlines() if line.strip()) <= 60
     assert "data" not in re.findall(r"^(?:from|import) (\w+)", blocks["my_trainer.py"], re.M)  # none of data.py
 
 
