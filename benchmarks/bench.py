@@ -6,7 +6,9 @@
 3. FL overhead: round wall time minus the slowest site's train + eval, and time to the first
    trainer handshake, from the job's own logs;
 4. accuracy over seeds (mean and range, dips, collapses) and wall time of the defaults vs a baseline's
-   settings (the original example's, or this project's previous defaults), after the same rounds.
+   settings (the original example's, or this project's previous defaults), after the same rounds;
+5. weights exchanged as NumPy arrays vs as PyTorch tensors (the default): a round's wall time and FL overhead,
+   jobs of the two alternating.
 
   python benchmarks/bench.py --data_root /tmp/nvflare/data          # everything, about 12 minutes on 2 cores
   python benchmarks/bench.py --data_root /tmp/nvflare/data --quick  # a smoke run of every item
@@ -233,7 +235,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_root", default=DEFAULT_DATA_ROOT)
     p.add_argument("--quick", action="store_true", help="small sizes: checks that every item runs")
-    p.add_argument("--items", default="1234", help="the items to run, for example 4 (default: all)")
+    p.add_argument("--items", default="12345", help="the items to run, for example 4 (default: all)")
     p.add_argument("--seeds", type=positive_int, help="seeds 0..N-1 of item 4 (default 5; 1 with --quick)")
     p.add_argument("--num_rounds", type=positive_int, help="rounds of each job (default 5; 3 with --quick)")
     p.add_argument("--n_clients", type=positive_int, default=2, help="sites of each job")
@@ -320,6 +322,31 @@ def main() -> None:
                 "",
                 f"{first['first_compute']:.2f} s",
                 f"vs {first['compute']:.2f} s",
+            )
+        )
+
+    if "5" in args.items:
+        numpy_runs, torch_runs = [], []
+        with tempfile.TemporaryDirectory() as tmp:
+            for i in range(1 if args.quick else 3):
+                for fmt, runs in (("numpy", numpy_runs), ("pytorch", torch_runs)):
+                    workspace = os.path.join(tmp, f"{fmt}{i}")
+                    runs.append(run_job(args.data_root, job_flags, {"exchange_format": fmt}, workspace))
+        mean = lambda runs, key: sum(r[key] for r in runs) / len(runs)  # noqa: E731
+        rows.append(
+            (
+                f"5 exchange: round wall time (s), NumPy vs PyTorch tensors, {len(torch_runs)} jobs each",
+                f"{mean(numpy_runs, 'round_wall'):.2f} s",
+                f"{mean(torch_runs, 'round_wall'):.2f} s",
+                f"{mean(torch_runs, 'round_wall') / mean(numpy_runs, 'round_wall'):.2f}x the time",
+            )
+        )
+        rows.append(
+            (
+                "  FL overhead per round (s): round wall - slowest site's train+eval",
+                f"{mean(numpy_runs, 'overhead'):.2f} s",
+                f"{mean(torch_runs, 'overhead'):.2f} s",
+                "",
             )
         )
 

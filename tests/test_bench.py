@@ -33,6 +33,12 @@ def test_quick_bench_prints_every_item(synthetic_root):
     assert re.search(r"^  worst dip below the best so far, after round 2 +0\.\d{3} +0\.\d{3}$", out, re.M)
     assert re.search(r"^  runs whose train loss went back near chance +\d of 1 +\d of 1$", out, re.M)
     assert re.search(r"^  job wall time \(s\): .* [\d.]+x the time$", out, re.M)
+    assert re.search(
+        r"^5 exchange: round wall time \(s\), NumPy vs PyTorch tensors, 1 jobs each +[\d.]+ s +[\d.]+ s "
+        r"+[\d.]+x the time$",
+        out,
+        re.M,
+    )
 
 
 def test_fast_path_gives_the_original_paths_images_and_labels(synthetic_root):

@@ -29,11 +29,11 @@ def test_eight_gpus_two_sites_of_four_each_get_a_block_of_their_own():
 
 def test_four_gpus_two_sites_of_two():
     assert plan(4, [2, 2])[0] == [["0", "1"], ["2", "3"]]
-    assert default_ranks(4, 2) == 2
+    assert default_ranks(4, 2, most=2) == 2
 
 
 def test_one_gpu_two_sites_share_it_with_one_rank_each_by_default():
-    assert default_ranks(1, 2) == 1
+    assert default_ranks(1, 2, most=2) == 1
     blocks, lines = plan(1, [1, 1])
     assert blocks == [["0"], ["0"]]
     assert lines == [
@@ -43,7 +43,7 @@ def test_one_gpu_two_sites_share_it_with_one_rank_each_by_default():
 
 
 def test_no_gpu_means_two_gloo_ranks_a_site():
-    assert default_ranks(0, 2) == 2
+    assert default_ranks(0, 2, most=2) == 2
     blocks, lines = plan(0, [2, 2])
     assert blocks == [[], []] and all(line.endswith("on the CPU (gloo): no GPU is visible") for line in lines)
 
@@ -52,7 +52,7 @@ def test_three_gpus_for_two_sites_of_two_share_one_and_say_which():
     blocks, lines = plan(3, [2, 2])
     assert blocks == [["0", "1"], ["2", "0"]]  # one GPU a rank on every site; GPU 0 serves both
     assert lines[1] == "site-2: 2 rank(s) on GPU(s) 2,0, shared with site-1"
-    assert default_ranks(3, 2) == 1  # left to itself, job.py gives each site a GPU of its own
+    assert default_ranks(3, 2, most=2) == 1  # left to itself, job.py gives each site a GPU of its own
 
 
 def test_a_site_with_more_ranks_than_gpus_is_told_it_trains_on_the_cpu():
