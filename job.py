@@ -102,7 +102,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--master_port",
         type=port,
-        help="torchrun master port of site-1; site-N uses master_port + N - 1; 7777 if not given",
+        help="torchrun master port of site-1; site-N uses master_port + N - 1; if not given, each site's torchrun "
+        "takes a free port at each launch (its standalone rendezvous)",
     )
     p.add_argument(
         "--slurm_nodes",
@@ -164,8 +165,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                 "--slurm_gpus_per_node ranks, and torchrun_node picks the ports"
             )
         args.nproc_per_node = [args.slurm_gpus_per_node]  # ranks on each node
-    else:
-        args.master_port = args.master_port or 7777
     if args.nproc_per_node is not None and len(args.nproc_per_node) == 1:
         args.nproc_per_node *= args.n_clients
     if args.nproc_per_node is not None and len(args.nproc_per_node) != args.n_clients:
@@ -177,6 +176,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.min_clients = args.n_clients
     if args.min_clients > args.n_clients:
         p.error(f"--min_clients {args.min_clients} is more than --n_clients {args.n_clients}")
+    if args.env == "sim" and any(c.isspace() for c in os.path.abspath(args.workspace)):
+        # NVFlare 2.9's simulator joins each site's worker command into one string and splits it on spaces.
+        p.error(f"--workspace {args.workspace!r} holds a space, which NVFlare's simulator cannot run in; pick a path "
+                "without spaces")  # fmt: skip
     if (args.env == "prod") != (args.startup_kit is not None):
         p.error("--env prod needs --startup_kit DIR, and --startup_kit only goes with --env prod")
     if args.startup_kit is not None and not os.path.isdir(args.startup_kit):
@@ -188,20 +191,21 @@ def site_names(n_clients: int) -> list[str]:
     return [f"site-{i}" for i in range(1, n_clients + 1)]
 
 
-def site_command(nproc_per_node: int, master_port: int | None, gpus: list[str] | None = None) -> str:
-    """How a site starts its ranks: torchrun on one node, or, with no master_port (--slurm_nodes), NVFlare's
-    torchrun_node, which joins the nodes that NVFlare's Slurm job launcher names in the NVFL_* variables.
+def site_command(
+    nproc_per_node: int, master_port: int | None = None, multinode: bool = False, gpus: list[str] | None = None
+) -> str:
+    """How a site starts its ranks: torchrun on one node, on a free port of its own at each launch (torchrun's
+    standalone rendezvous) or on `master_port`; or, multinode (--slurm_nodes), NVFlare's torchrun_node, which joins
+    the nodes that NVFlare's Slurm job launcher names in the NVFL_* variables.
     gpus: the GPUs of this machine the site may use (a local run), or None (the site's own machine decides)."""
     # NVFlare runs a leading `env VAR=value` as a shell would; an empty list hides every GPU from the site.
     pin = "" if gpus is None else f"env CUDA_VISIBLE_DEVICES={','.join(gpus)} "
     # `python3` from the site's PATH: no path of this machine ends up in the job.
-    if master_port is None:
+    if multinode:
         return f"{pin}python3 -u -m nvflare.app_opt.pt.torchrun_node --nproc-per-node={nproc_per_node}"
+    port = "--standalone" if master_port is None else f"--nnodes=1 --master_addr=127.0.0.1 --master_port={master_port}"
     # --log-dir=/dev/null: otherwise torchrun leaves an empty /tmp/torchelastic_* folder on every run.
-    return (
-        f"{pin}python3 -u -m torch.distributed.run --nnodes=1 --nproc_per_node={nproc_per_node} "
-        f"--master_addr=127.0.0.1 --master_port={master_port} --log-dir=/dev/null"
-    )
+    return f"{pin}python3 -u -m torch.distributed.run {port} --nproc_per_node={nproc_per_node} --log-dir=/dev/null"
 
 
 class QuickFedAvgRecipe(FedAvgRecipe):
@@ -260,7 +264,10 @@ def build_recipe(args: argparse.Namespace, gpu_blocks: list[list[str]] | None = 
         {
             site: {
                 "command": site_command(
-                    args.nproc_per_node[i], args.master_port and args.master_port + i, gpu_blocks and gpu_blocks[i]
+                    args.nproc_per_node[i],
+                    args.master_port and args.master_port + i,
+                    multinode=args.slurm_nodes is not None,
+                    gpus=gpu_blocks and gpu_blocks[i],
                 ),
                 "train_args": f"{train_args(args)} --site {site} --sites {','.join(sites)}",
             }

@@ -2,11 +2,13 @@
 running system; watches it, and prints the summary. job.py calls run_and_report() once."""
 
 import argparse
+import contextlib
 import errno
 import os
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -94,7 +96,7 @@ def run_in_simulator(recipe, args: argparse.Namespace, sites: list[str]) -> int:
     server_dir = os.path.join(workspace, "server", "simulate_job")
     done = threading.Event()
     threading.Thread(target=follow_rounds, args=(server_dir, args.num_rounds, done), daemon=True).start()
-    with Watchdog(workspace, sites) as watchdog:
+    with keeper(), Watchdog(workspace, sites) as watchdog:
         try:
             recipe.execute(env)
         except RuntimeError:  # the simulator failed; the summary says which site and why
@@ -105,6 +107,22 @@ def run_in_simulator(recipe, args: argparse.Namespace, sites: list[str]) -> int:
     code = summarize(server_dir, os.path.join(workspace, "server", "log.txt"), sites, args.num_rounds, workspace,
                      stopped_by, args.min_clients)  # fmt: skip
     return 128 + watchdog.signum if stopped_by else code
+
+
+@contextlib.contextmanager
+def keeper(folders: list[str] = ()):
+    """local_run/keeper.py, for the length of the block: if job.py dies unannounced (SIGKILL), it ends the run's
+    processes and deletes `folders`. Put the Watchdog inside the block: its end of the run kills the keeper first."""
+    process = subprocess.Popen(
+        [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "keeper.py"), str(os.getpid()),
+         *folders],
+        stdin=subprocess.PIPE, start_new_session=True,
+    )  # fmt: skip
+    try:
+        yield
+    finally:
+        process.stdin.close()  # the keeper's cue: by now the watchdog has killed it
+        process.wait()
 
 
 def signal_name(signum: int | None) -> str | None:
@@ -127,7 +145,7 @@ def run_on_system(recipe, args: argparse.Namespace, sites: list[str]) -> int:
     else:
         env = ProdEnv(startup_kit_location=args.startup_kit)
     run = result = status = failure = None
-    with Watchdog(None, sites) as watchdog:
+    with keeper([get_poc_workspace()] if args.env == "poc" else []), Watchdog(None, sites) as watchdog:
         try:
             run = recipe.execute(env)
             print(f"submitted job {run.get_job_id()}; waiting for it to finish")
