@@ -141,6 +141,27 @@ def test_sigterm_to_job_py_ends_its_poc_and_keeps_the_job(synthetic_root, tmp_pa
     load_global_model(stop.split(" is kept: ")[1])
 
 
+def test_sigkill_to_job_py_ends_its_poc(synthetic_root, tmp_path):
+    assert not os.path.exists(POC_WORKSPACE), "a POC workspace exists already; this test would delete it"
+    job = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "job.py"), "--env", "poc", "--num_rounds", "50",
+         "--data_root", synthetic_root, "--workspace", str(tmp_path)],
+        cwd=ROOT, env=venv_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_for_log_lines(os.path.join(POC_PROJECT, "server", "*", "log.txt"), "Sending task train", 2, timeout=300)
+        job.send_signal(signal.SIGKILL)
+        job.wait(timeout=10)
+        left = processes_left(POC_WORKSPACE, grace=30)
+    finally:
+        if os.path.exists(POC_WORKSPACE):  # the test failed: leave no POC behind
+            job.kill()
+            nvflare("poc", "stop", timeout=120)
+            nvflare("poc", "clean", timeout=60)
+    assert left == []
+    assert not os.path.exists(POC_WORKSPACE)
+
+
 # Runs job.py as `python job.py ARGS` does, after making one call of a library it uses send a signal to job.py
 # first: a signal at exactly that stage of the run. argv: MODULE:ATTRIBUTE SIGNUM job.py ARGS...
 SIGNAL_AT_CALL = """

@@ -193,3 +193,22 @@ def test_with_min_clients_a_failure_outside_the_rounds_still_ends_the_job(
     assert f"ERROR: the job stopped {said}: site-3 rank 0 failed (exit code -9 (SIGKILL)). Logs: " in result.stderr
     assert_kept(result.stderr, workspace, kept_round)
     assert processes_of(workspace) == []
+
+
+def test_sigkill_to_job_py_in_a_round_leaves_no_process(small_root, tmp_path):
+    # SIGKILL can't be handled (nor can the OOM killer or a CI runner's hard timeout): local_run/keeper.py, which
+    # job.py starts in a session of its own, sees job.py's end and ends what it had started.
+    workspace = str(tmp_path)
+    job = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "job.py"), "--num_rounds", "300", "--data_root", small_root,
+         "--workspace", workspace],
+        cwd=ROOT, env=venv_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_for_log_lines(os.path.join(workspace, JOB_NAME, "server", "log.txt"), "Sending task train", 3, 120)
+        assert processes_of(workspace)  # the run is training: round 2 has started
+        job.send_signal(signal.SIGKILL)
+        job.wait(timeout=10)
+        assert processes_left(workspace, grace=30) == []
+    finally:
+        job.kill()

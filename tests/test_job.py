@@ -452,3 +452,39 @@ def test_cross_site_eval_scores_every_sites_model_and_the_global_ones_on_every_s
     rows = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in lines[header + 2 : header + 6]}
     assert rows == {m: [round(matrix[s][m]["accuracy"], 4) for s in ("site-1", "site-2")] for m in models}
     assert_clean(workspace)
+
+
+@pytest.mark.e2e
+def test_two_jobs_at_once_on_one_machine_need_no_port_flags(synthetic_root, tmp_path):
+    # Each site's torchrun takes a free port at each launch: with a fixed one, the second job's sites would fail
+    # at their rendezvous.
+    workspaces = [str(tmp_path / "first"), str(tmp_path / "second")]
+    jobs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                os.path.join(ROOT, "job.py"),
+                "--num_rounds",
+                "3",
+                "--data_root",
+                synthetic_root,
+                "--workspace",
+                workspace,
+            ],
+            cwd=ROOT,
+            env=venv_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for workspace in workspaces
+    ]
+    try:
+        outputs = [job.communicate(timeout=600) for job in jobs]
+    finally:
+        for job in jobs:
+            job.kill()
+    for job, (stdout, stderr), workspace in zip(jobs, outputs, workspaces):
+        assert job.returncode == 0, stdout[-3000:] + stderr[-3000:]
+        assert_learns(round_metrics(workspace))
+        assert processes_of(workspace) == []
