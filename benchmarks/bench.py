@@ -7,8 +7,9 @@
    trainer handshake, from the job's own logs;
 4. accuracy over seeds (mean and range, dips, collapses) and wall time of the defaults vs a baseline's
    settings (the original example's, or this project's previous defaults), after the same rounds;
-5. weights exchanged as NumPy arrays vs as PyTorch tensors (the default): a round's wall time and FL overhead,
-   jobs of the two alternating.
+5. weights exchanged as NumPy arrays vs as PyTorch tensors (the default): a round's wall time and FL overhead;
+6. torchrun's rendezvous on a fixed --master_port vs its standalone one (the default): the time from
+   `python job.py` to the last trainer handshake. Items 5 and 6 alternate jobs of the two settings.
 
   python benchmarks/bench.py --data_root /tmp/nvflare/data          # everything, about 12 minutes on 2 cores
   python benchmarks/bench.py --data_root /tmp/nvflare/data --quick  # a smoke run of every item
@@ -225,6 +226,16 @@ def run_job(data_root: str, job_flags: list[str], settings: dict, workspace: str
     }
 
 
+def alternate(data_root: str, job_flags: list[str], a: dict, b: dict, pairs: int) -> tuple[list[dict], list[dict]]:
+    """run_job() with settings a, then b, `pairs` times: both sides see the same machine load."""
+    runs_a, runs_b = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(pairs):
+            runs_a.append(run_job(data_root, job_flags, a, os.path.join(tmp, f"a{i}")))
+            runs_b.append(run_job(data_root, job_flags, b, os.path.join(tmp, f"b{i}")))
+    return runs_a, runs_b
+
+
 def over_seeds(runs: list[dict], key: str, fmt: str = ".3f") -> str:
     """mean [min-max] of runs[*][key]."""
     values = [run[key] for run in runs]
@@ -235,7 +246,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_root", default=DEFAULT_DATA_ROOT)
     p.add_argument("--quick", action="store_true", help="small sizes: checks that every item runs")
-    p.add_argument("--items", default="12345", help="the items to run, for example 4 (default: all)")
+    p.add_argument("--items", default="123456", help="the items to run, for example 4 (default: all)")
     p.add_argument("--seeds", type=positive_int, help="seeds 0..N-1 of item 4 (default 5; 1 with --quick)")
     p.add_argument("--num_rounds", type=positive_int, help="rounds of each job (default 5; 3 with --quick)")
     p.add_argument("--n_clients", type=positive_int, default=2, help="sites of each job")
@@ -325,14 +336,10 @@ def main() -> None:
             )
         )
 
+    pairs = 1 if args.quick else 3
+    mean = lambda runs, key: sum(r[key] for r in runs) / len(runs)  # noqa: E731
     if "5" in args.items:
-        numpy_runs, torch_runs = [], []
-        with tempfile.TemporaryDirectory() as tmp:
-            for i in range(1 if args.quick else 3):
-                for fmt, runs in (("numpy", numpy_runs), ("pytorch", torch_runs)):
-                    workspace = os.path.join(tmp, f"{fmt}{i}")
-                    runs.append(run_job(args.data_root, job_flags, {"exchange_format": fmt}, workspace))
-        mean = lambda runs, key: sum(r[key] for r in runs) / len(runs)  # noqa: E731
+        numpy_runs, torch_runs = alternate(args.data_root, job_flags, {"exchange_format": "numpy"}, {}, pairs)
         rows.append(
             (
                 f"5 exchange: round wall time (s), NumPy vs PyTorch tensors, {len(torch_runs)} jobs each",
@@ -347,6 +354,17 @@ def main() -> None:
                 f"{mean(numpy_runs, 'overhead'):.2f} s",
                 f"{mean(torch_runs, 'overhead'):.2f} s",
                 "",
+            )
+        )
+
+    if "6" in args.items:
+        fixed_runs, free_runs = alternate(args.data_root, job_flags, {"master_port": 7777}, {}, pairs)
+        rows.append(
+            (
+                f"6 start-up: python job.py -> last handshake, --master_port vs standalone, {pairs} jobs each",
+                f"{mean(fixed_runs, 'to_handshake'):.1f} s",
+                f"{mean(free_runs, 'to_handshake'):.1f} s",
+                f"{mean(free_runs, 'to_handshake') / mean(fixed_runs, 'to_handshake'):.2f}x the time",
             )
         )
 

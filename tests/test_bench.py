@@ -6,11 +6,13 @@ import re
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import ROOT, venv_env
 
 
+@pytest.mark.e2e  # it runs job.py 6 times
 def test_quick_bench_prints_every_item(synthetic_root):
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "bench.py"), "--quick", "--data_root", synthetic_root],
@@ -39,6 +41,7 @@ def test_quick_bench_prints_every_item(synthetic_root):
         out,
         re.M,
     )
+    assert re.search(r"^6 start-up: .* 1 jobs each +[\d.]+ s +[\d.]+ s +[\d.]+x the time$", out, re.M)
 
 
 def test_fast_path_gives_the_original_paths_images_and_labels(synthetic_root):

@@ -6,12 +6,13 @@ import os
 import re
 
 import pytest
+import torch
 
 from conftest import assert_learns, round_metrics, run_job, site_weight
 from data import load_cifar10, partition_indices
 from job import JOB_NAME
 from local_run.gpu_plan import default_ranks, gpu_blocks, plan_lines
-from local_run.results import metric
+from local_run.results import metric, read_final_scores
 
 SITES = ["site-1", "site-2"]
 
@@ -112,3 +113,26 @@ def test_a_rank_count_for_each_site_or_for_all(given, capsys):
     assert exit.value.code == 2 and "rank counts for" in capsys.readouterr().err
     assert parse_args(["--nproc_per_node", "2,4"]).nproc_per_node == [2, 4]
     assert parse_args(["--nproc_per_node", "3", "--n_clients", "3"]).nproc_per_node == [3, 3, 3]
+
+
+@pytest.mark.e2e
+def test_a_sites_rank_count_changes_its_speed_not_its_model(small_root, tmp_path):
+    """The same seed on 1, 2 and 3 ranks a site: the same batches, split over the ranks, give the same global model.
+    The default site batch, 128, does not divide by 3."""
+    models, accuracies = {}, {}
+    for ranks in (1, 2, 3):
+        workspace = str(tmp_path / str(ranks))
+        result = run_job(
+            "--num_rounds", "2", "--nproc_per_node", str(ranks), "--data_root", small_root, "--workspace", workspace
+        )
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        app = os.path.join(workspace, JOB_NAME, "server", "simulate_job", "app_server", "FL_global_model.pt")
+        models[ranks] = torch.load(app, weights_only=True)["model"]
+        accuracies[ranks] = [metric(r["aggregated_metrics"], "accuracy") for r in round_metrics(workspace)]
+        accuracies[ranks].append(read_final_scores(os.path.dirname(os.path.dirname(app)))["site-1"])
+    for ranks in (2, 3):
+        # Float sums in another order (gloo's all-reduce over more ranks) are all that differs.
+        diff = max((models[ranks][k] - models[1][k]).abs().max().item() for k in models[1])
+        assert diff < 1e-3, (ranks, diff)
+        assert all(abs(a - b) <= 0.005 for a, b in zip(accuracies[ranks], accuracies[1])), accuracies
+    assert accuracies[1][-1] > 0.5  # it learned: the same model, not the same failure
