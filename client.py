@@ -2,7 +2,9 @@
 together with DistributedDataParallel. Rank 0 talks to the NVFlare server; the others follow it."""
 
 import argparse
+import hashlib
 import os
+import socket
 import time
 from datetime import timedelta
 from typing import NoReturn
@@ -14,7 +16,7 @@ from nvflare.client.tracking import SummaryWriter
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import flare_ddp
-from data import epoch_batches, is_synthetic, load_cifar10, normalize, partition_indices
+from data import DataError, epoch_batches, is_synthetic, load_cifar10, normalize, partition_indices, rank_share
 from model import Net
 from protocol import add_training_flags
 from rank_exit import die_with_parent, failures_end_the_rank, leave
@@ -58,8 +60,18 @@ def run_site(args, device: torch.device) -> None:
     """This site's part of the job: load its shard, then answer the server's tasks until it says stop."""
     rank = dist.get_rank()
     train_x, train_y, test_x, test_y = load_cifar10(args.data_root)
-    # One floor for every site, whatever its rank count, so that all sites compute the same shards.
+    # One floor for every site (a site batch), so that all sites compute the same shards.
     shard = partition_indices(train_y, args.sites, args.site, args.alpha, args.seed, min_size=args.batch_size)
+    agree_on_data(
+        args.site,
+        {
+            "training images": len(train_y),
+            "test images": len(test_y),
+            "shard size": len(shard),
+            "steps an epoch": len(epoch_batches(len(shard), args.batch_size, epoch=0, seed=args.seed)),
+            "labels' sha256": hashlib.sha256(train_y.numpy().tobytes() + test_y.numpy().tobytes()).hexdigest()[:16],
+        },
+    )
     # The whole shard and test set stay on the device; a batch is an index op.
     train_x, train_y = train_x[shard].to(device), train_y[shard].to(device)
     test_x, test_y = test_x.to(device), test_y.to(device)
@@ -154,6 +166,27 @@ def choose_backend(gpus: int, local_rank: int, local_world_size: int) -> tuple[s
     )
 
 
+def agree_on_data(site: str, facts: dict) -> None:
+    """Every rank of the site, on every node, must have loaded the same data: a node with another copy would compute
+    other shards and step counts, and DDP would then wait for a step that never comes. DataError names what differs,
+    and on which ranks and nodes."""
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, (socket.gethostname(), facts))
+    differences = []
+    for name in facts:
+        ranks_by_value = {}
+        for rank, (host, theirs) in enumerate(everyone):
+            ranks_by_value.setdefault(theirs[name], []).append(f"{rank} ({host})")
+        if len(ranks_by_value) > 1:
+            where = [f"{value} on rank {', '.join(ranks)}" for value, ranks in ranks_by_value.items()]
+            differences.append(f"{name}: {', '.join(where)}")
+    if differences:
+        raise DataError(
+            f"the ranks of {site} loaded different data ({'; '.join(differences)}); give every node of the site the "
+            "same --data_root, and run prepare_data.sh again where it differs"
+        )
+
+
 def describe(device: torch.device) -> str:
     """The physical device behind `device`: every site's first GPU is cuda:0, so name it by UUID and PCI bus."""
     if device.type != "cuda":
@@ -193,27 +226,29 @@ def train(
     seed: int,
     first_epoch: int,
 ) -> float:
-    """Local epochs on this site's shard; returns the mean training loss over all ranks' batches.
+    """Local epochs on this site's shard, in site batches of batch_size split over the ranks; returns the mean
+    training loss over the samples.
 
-    The gradient is clipped after DDP has averaged it, so every rank clips the same gradient the same way."""
+    Each rank's loss is summed over its part of the batch and scaled by world / len(batch): DDP's average of the
+    ranks' gradients is then the gradient of the mean loss over the whole site batch, however the batch splits.
+    So the site trains the same model on any number of ranks; only the speed changes. The gradient is clipped
+    after DDP has averaged it, so every rank clips the same gradient the same way."""
     ddp.train()
     optimizer = torch.optim.SGD(ddp.parameters(), lr=lr, momentum=momentum)
     rank, world = dist.get_rank(), dist.get_world_size()
     loss_sum = torch.zeros((), device=images.device)
-    steps = 0
     for epoch in range(first_epoch, first_epoch + epochs):
-        for idx in epoch_batches(len(labels), rank, world, batch_size, epoch, seed):
-            idx = idx.to(images.device)
-            loss = F.cross_entropy(ddp(normalize(images[idx])), labels[idx])
+        for batch in epoch_batches(len(labels), batch_size, epoch, seed):
+            idx = rank_share(batch, rank, world).to(images.device)
+            summed = F.cross_entropy(ddp(normalize(images[idx])), labels[idx], reduction="sum")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (summed * (world / len(batch))).backward()
             if max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(ddp.parameters(), max_grad_norm)
             optimizer.step()
-            loss_sum += loss.detach()
-            steps += 1
+            loss_sum += summed.detach()
     dist.all_reduce(loss_sum)
-    return loss_sum.item() / (steps * world)
+    return loss_sum.item() / (epochs * len(labels))
 
 
 def round_lr(lr: float, current_round: int, warmup_rounds: int) -> float:
@@ -229,7 +264,7 @@ def warm_up(ddp: DDP, train_x, train_y, test_x, test_y, args) -> None:
     context and kernels, DDP's first all-reduce and bucket rebuild) is paid during start-up, not in round 0.
     The weights are put back as they were; the server's replace them at the first task anyway."""
     saved = {name: tensor.clone() for name, tensor in ddp.module.state_dict().items()}
-    one_batch = args.batch_size * dist.get_world_size()  # one batch a rank
+    one_batch = args.batch_size  # one site batch, split over the ranks as in training
     train(
         ddp, train_x[:one_batch], train_y[:one_batch], epochs=1, batch_size=args.batch_size, lr=args.lr,
         momentum=args.momentum, max_grad_norm=args.max_grad_norm, seed=args.seed, first_epoch=0,

@@ -132,20 +132,18 @@ def partition_indices(
     return torch.from_numpy(np.asarray(shards[sites.index(site)], dtype=np.int64))
 
 
-def epoch_batches(n: int, rank: int, world_size: int, batch_size: int, epoch: int, seed: int) -> list[torch.Tensor]:
-    """This rank's batches of positions 0..n-1 for one epoch.
-
-    One shuffle per epoch, shared by all ranks, dealt out round-robin: the ranks' slices are
-    disjoint and together cover every sample once. Every rank gets the same number of batches,
-    so DDP's gradient all-reduce never waits on a rank that has finished.
-    """
-    if n < world_size:
-        raise DataError(f"{n} samples can't be split over {world_size} ranks; use fewer ranks or more data")
+def epoch_batches(n: int, batch_size: int, epoch: int, seed: int) -> list[torch.Tensor]:
+    """The site's batches of positions 0..n-1 for one epoch: one shuffle, drawn from the seed and the epoch alone,
+    cut into batches of batch_size (the last one may be smaller). Every rank computes the same list, whatever the
+    number of ranks, so the site visits its samples in the same order on 1 GPU or on 8."""
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    mine = torch.randperm(n, generator=g)[rank::world_size]
-    # Sized from the smallest rank's share, so every chunk of every rank is non-empty.
-    num_batches = -(-(n // world_size) // batch_size)
-    return list(torch.tensor_split(mine, num_batches))
+    return list(torch.randperm(n, generator=g).split(batch_size))
+
+
+def rank_share(batch: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """This rank's part of a site batch: the ranks' parts are disjoint, cover the batch, and differ in size by at most
+    one sample (a rank's part is empty when the batch has fewer samples than the site has ranks)."""
+    return torch.tensor_split(batch, world_size)[rank]
 
 
 class _Py2Pickler(pickle._Pickler):

@@ -19,6 +19,7 @@ from data import (
     load_cifar10,
     normalize,
     partition_indices,
+    rank_share,
     read_batch,
     read_pickle,
     synthetic_preset,
@@ -193,13 +194,19 @@ def test_small_alpha_skews_labels_and_keeps_every_site_nonempty():
         assert (skew > 0.4) if skewed else (skew < 0.05)
 
 
-# 16 ranks: a site on 2 nodes of 8 GPUs, whose ranks split every epoch by global rank.
-@pytest.mark.parametrize("n, world", [(1000, 2), (1001, 2), (64, 2), (5000, 16), (5001, 16)])
-def test_rank_batches_are_disjoint_cover_the_epoch_and_reshuffle(n, world):
-    per_rank = [epoch_batches(n, rank, world, batch_size=32, epoch=0, seed=0) for rank in range(world)]
-    assert len({len(batches) for batches in per_rank}) == 1  # DDP steps in lockstep
-    assert all(len(b) > 0 for batches in per_rank for b in batches)
-    seen = [torch.cat(batches).tolist() for batches in per_rank]
-    assert sorted(sum(seen, [])) == list(range(n))  # disjoint, and every sample once
-    next_epoch = torch.cat(epoch_batches(n, 0, world, batch_size=32, epoch=1, seed=0)).tolist()
-    assert next_epoch != seen[0]
+def test_a_sites_batches_depend_on_the_seed_and_the_epoch_not_on_its_ranks():
+    batches = epoch_batches(1001, batch_size=128, epoch=0, seed=0)
+    assert [len(b) for b in batches] == [128] * 7 + [105]
+    assert sorted(torch.cat(batches).tolist()) == list(range(1001))  # every sample once an epoch
+    assert torch.equal(torch.cat(epoch_batches(1001, 128, epoch=0, seed=0)), torch.cat(batches))
+    assert not torch.equal(torch.cat(epoch_batches(1001, 128, epoch=1, seed=0)), torch.cat(batches))
+    assert not torch.equal(torch.cat(epoch_batches(1001, 128, epoch=0, seed=1)), torch.cat(batches))
+
+
+# 16 ranks: a site on 2 nodes of 8 GPUs, whose ranks split every batch by global rank.
+@pytest.mark.parametrize("batch, world", [(128, 1), (128, 2), (128, 3), (105, 16), (2, 3)])
+def test_the_ranks_split_each_batch_into_disjoint_near_equal_parts(batch, world):
+    positions = torch.randperm(1000)[:batch]
+    parts = [rank_share(positions, rank, world) for rank in range(world)]
+    assert sorted(torch.cat(parts).tolist()) == sorted(positions.tolist())  # disjoint, and the whole batch
+    assert max(len(p) for p in parts) - min(len(p) for p in parts) <= 1

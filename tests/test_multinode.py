@@ -12,6 +12,8 @@ import json
 import os
 import re
 import shlex
+import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -37,6 +39,7 @@ from conftest import (
     site_weight,
     venv_env,
 )
+from data import BATCH_DIR, read_pickle, write_pickle
 from job import JOB_NAME
 from local_run.results import read_rounds
 
@@ -219,3 +222,46 @@ def test_node_1_killed_mid_round_ends_the_job(poc, synthetic_root, tmp_path):
     assert "site-1 rank 1: injecting fault 'kill' at 1" in run["node_1_log"]
     assert re.search(r"rank\s*: 1 \(local_rank: 0\)\s+exitcode\s*: -9", run["node_1_log"]), run["node_1_log"][-3000:]
     assert processes_left(run["job_dir"]) == []
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_nodes_that_loaded_different_data_end_the_site_at_once_naming_what_differs(synthetic_root, tmp_path):
+    """A site of 2 nodes of 1 rank each, met by torchrun's static rendezvous on loopback; node 1 runs in a mount
+    namespace of its own, where --data_root holds another copy of the data with one label changed."""
+    other = tmp_path / "other_copy"
+    shutil.copytree(synthetic_root, other)
+    path = os.path.join(other, BATCH_DIR, "data_batch_3")
+    batch = read_pickle(path)
+    batch["labels"][0] = (batch["labels"][0] + 1) % 10
+    write_pickle(path, batch)
+    port = free_port()
+    nodes = []
+    for node in (0, 1):
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
+                   "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}", "--log-dir=/dev/null",
+                   os.path.join(ROOT, "client.py"), "--data_root", synthetic_root, "--site", "site-1",
+                   "--sites", "site-1,site-2"]  # fmt: skip
+        if node == 1:  # this node sees its own copy at --data_root
+            command = ["unshare", "--mount", "sh", "-c", 'mount --bind "$0" "$1" && shift && exec "$@"', str(other),
+                       synthetic_root, *command]  # fmt: skip
+        nodes.append(subprocess.Popen(command, env=venv_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))  # fmt: skip
+    try:
+        outputs = [node.communicate(timeout=120)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    host = socket.gethostname()
+    for rank, (node, output) in enumerate(zip(nodes, outputs)):
+        assert node.returncode != 0, output[-3000:]
+        # Each rank names what differs, on which ranks and nodes, and only that: not a stuck or lost peer.
+        line = re.search(rf"site-1 rank {rank}: ERROR: the ranks of site-1 loaded different data \((.*)\); ", output)
+        assert line, output[-3000:]
+        assert line.group(1).startswith("labels' sha256: ") and ";" not in line.group(1), line.group(1)
+        assert f"on rank 0 ({host})" in line.group(1) and f"on rank 1 ({host})" in line.group(1)
+        assert "peer" not in output
