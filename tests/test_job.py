@@ -354,7 +354,7 @@ def _wrong_shapes(path):
 @pytest.mark.parametrize(
     "write, why",
     [
-        (_wrong_shapes, "does not hold the weights of this example's Net (size mismatch for fc3.weight"),
+        (_wrong_shapes, "does not hold the weights of this job's model (size mismatch for fc3.weight"),
         (lambda path: path.write_bytes(os.urandom(4096)), "is not a PyTorch checkpoint"),
         (lambda path: torch.save({"model": WritesMarker(str(path) + ".ran")}, path), "holds more than tensors"),
     ],
