@@ -16,7 +16,17 @@ from nvflare.client.tracking import SummaryWriter
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import flare_ddp
-from data import DataError, epoch_batches, is_synthetic, load_cifar10, normalize, partition_indices, rank_share
+from data import (
+    DataError,
+    crop_and_flip,
+    epoch_augmentation,
+    epoch_batches,
+    is_synthetic,
+    load_cifar10,
+    normalize,
+    partition_indices,
+    rank_share,
+)
 from model import Net
 from protocol import add_training_flags
 from rank_exit import die_with_parent, failures_end_the_rank, leave
@@ -117,6 +127,7 @@ def run_site(args, device: torch.device) -> None:
             max_grad_norm=args.max_grad_norm,
             seed=args.seed,
             first_epoch=task.round * args.epochs,
+            augment=not args.no_augment,
         )
         local_accuracy = evaluate(model, test_x, test_y)
         if rank == 0:
@@ -225,6 +236,7 @@ def train(
     max_grad_norm: float,
     seed: int,
     first_epoch: int,
+    augment: bool,
 ) -> float:
     """Local epochs on this site's shard, in site batches of batch_size split over the ranks; returns the mean
     training loss over the samples.
@@ -232,15 +244,20 @@ def train(
     Each rank's loss is summed over its part of the batch and scaled by world / len(batch): DDP's average of the
     ranks' gradients is then the gradient of the mean loss over the whole site batch, however the batch splits.
     So the site trains the same model on any number of ranks; only the speed changes. The gradient is clipped
-    after DDP has averaged it, so every rank clips the same gradient the same way."""
+    after DDP has averaged it, so every rank clips the same gradient the same way. augment: each sample randomly
+    cropped and flipped, drawn from the seed and the epoch (data.epoch_augmentation)."""
     ddp.train()
     optimizer = torch.optim.SGD(ddp.parameters(), lr=lr, momentum=momentum)
     rank, world = dist.get_rank(), dist.get_world_size()
     loss_sum = torch.zeros((), device=images.device)
     for epoch in range(first_epoch, first_epoch + epochs):
+        offsets, flips = (t.to(images.device) for t in epoch_augmentation(len(labels), epoch, seed))
         for batch in epoch_batches(len(labels), batch_size, epoch, seed):
             idx = rank_share(batch, rank, world).to(images.device)
-            summed = F.cross_entropy(ddp(normalize(images[idx])), labels[idx], reduction="sum")
+            x = normalize(images[idx])
+            if augment:
+                x = crop_and_flip(x, offsets[idx], flips[idx])
+            summed = F.cross_entropy(ddp(x), labels[idx], reduction="sum")
             optimizer.zero_grad(set_to_none=True)
             (summed * (world / len(batch))).backward()
             if max_grad_norm:
@@ -268,6 +285,7 @@ def warm_up(ddp: DDP, train_x, train_y, test_x, test_y, args) -> None:
     train(
         ddp, train_x[:one_batch], train_y[:one_batch], epochs=1, batch_size=args.batch_size, lr=args.lr,
         momentum=args.momentum, max_grad_norm=args.max_grad_norm, seed=args.seed, first_epoch=0,
+        augment=not args.no_augment,
     )  # fmt: skip
     evaluate(ddp.module, test_x[:one_batch], test_y[:one_batch])
     ddp.module.load_state_dict(saved)

@@ -140,6 +140,34 @@ def epoch_batches(n: int, batch_size: int, epoch: int, seed: int) -> list[torch.
     return list(torch.randperm(n, generator=g).split(batch_size))
 
 
+# Random crops: the image padded by this many pixels on each side (reflected), then cropped back to 32 x 32.
+CROP_PAD = 4
+
+
+def epoch_augmentation(n: int, epoch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The random crop and flip of each of the n samples in one epoch: (offsets n x 2, each 0..2*CROP_PAD;
+    flips n, bool). Drawn per sample from the seed and the epoch alone, like the shuffle, so a run is
+    reproducible, and a sample is augmented the same way whichever rank trains it."""
+    g = torch.Generator().manual_seed((seed * 100_003 + epoch) * 2 + 1)  # a stream apart from the shuffle's
+    return torch.randint(0, 2 * CROP_PAD + 1, (n, 2), generator=g), torch.rand(n, generator=g) < 0.5
+
+
+def crop_and_flip(images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+    """Each image (float, N x C x H x W) cropped at its own offset from its reflect-padded self, and mirrored where
+    flips says: one gather on the device, no per-sample Python."""
+    n, _, h, w = images.shape
+    padded = torch.nn.functional.pad(images, (CROP_PAD,) * 4, mode="reflect")
+    rows = offsets[:, :1] + torch.arange(h, device=images.device)  # n x h
+    columns = torch.arange(w, device=images.device).expand(n, w)
+    columns = offsets[:, 1:] + torch.where(flips[:, None], w - 1 - columns, columns)  # n x w
+    return padded[
+        torch.arange(n, device=images.device)[:, None, None, None],
+        torch.arange(images.shape[1], device=images.device)[None, :, None, None],
+        rows[:, None, :, None],
+        columns[:, None, None, :],
+    ]
+
+
 def rank_share(batch: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
     """This rank's part of a site batch: the ranks' parts are disjoint, cover the batch, and differ in size by at most
     one sample (a rank's part is empty when the batch has fewer samples than the site has ranks)."""

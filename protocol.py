@@ -60,6 +60,11 @@ TRAINING_FLAGS = {
         "default": 2,
         "help": "round r trains at lr * min(1, (r + 1) / warmup_rounds); 1 turns the warm-up off",
     },
+    "no_augment": {
+        "action": "store_true",
+        "help": "train on the images as they are; by default each training image is randomly cropped (reflect "
+        "padding of 4) and flipped, never an evaluated one",
+    },
     "alpha": {
         "type": positive_float,
         "default": None,

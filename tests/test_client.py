@@ -96,7 +96,7 @@ def test_each_step_is_clipped_to_max_grad_norm(one_rank_group, max_grad_norm):
     labels = torch.randint(0, 10, (64,), generator=g)
     net = Net(seed=0)
     before = torch.cat([p.detach().flatten().clone() for p in net.parameters()])
-    settings = {"epochs": 1, "batch_size": 64, "lr": 0.5, "momentum": 0.0, "seed": 0, "first_epoch": 0}
+    settings = {"epochs": 1, "batch_size": 64, "lr": 0.5, "momentum": 0.0, "seed": 0, "first_epoch": 0, "augment": True}
     train(DDP(net), images, labels, max_grad_norm=max_grad_norm, **settings)  # one batch: one step
     moved = (torch.cat([p.detach().flatten() for p in net.parameters()]) - before).norm().item()
     if max_grad_norm:

@@ -14,6 +14,8 @@ from data import (
     TEST_FILE,
     TRAIN_FILES,
     DataError,
+    crop_and_flip,
+    epoch_augmentation,
     epoch_batches,
     is_synthetic,
     load_cifar10,
@@ -210,3 +212,25 @@ def test_the_ranks_split_each_batch_into_disjoint_near_equal_parts(batch, world)
     parts = [rank_share(positions, rank, world) for rank in range(world)]
     assert sorted(torch.cat(parts).tolist()) == sorted(positions.tolist())  # disjoint, and the whole batch
     assert max(len(p) for p in parts) - min(len(p) for p in parts) <= 1
+
+
+def test_each_image_is_cropped_and_flipped_as_a_per_sample_loop_would():
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(16, 3, 32, 32, generator=g)
+    offsets, flips = epoch_augmentation(16, epoch=3, seed=5)
+    expected = []
+    for image, (dy, dx), flip in zip(images, offsets.tolist(), flips.tolist()):
+        padded = torch.nn.functional.pad(image[None], (4, 4, 4, 4), mode="reflect")[0]
+        crop = padded[:, dy : dy + 32, dx : dx + 32]
+        expected.append(crop.flip(-1) if flip else crop)
+    assert torch.equal(crop_and_flip(images, offsets, flips), torch.stack(expected))
+
+
+def test_augmentation_is_drawn_from_the_seed_and_the_epoch():
+    offsets, flips = epoch_augmentation(10_000, epoch=0, seed=0)
+    assert offsets.min() == 0 and offsets.max() == 8  # every crop of the 4-pixel padding
+    assert 0.45 < flips.float().mean() < 0.55
+    again = epoch_augmentation(10_000, epoch=0, seed=0)
+    assert torch.equal(again[0], offsets) and torch.equal(again[1], flips)
+    assert not torch.equal(epoch_augmentation(10_000, epoch=1, seed=0)[0], offsets)
+    assert not torch.equal(epoch_augmentation(10_000, epoch=0, seed=1)[0], offsets)

@@ -16,7 +16,7 @@ from protocol import TRAINING_FLAGS, rank_line, rank_line_pattern, train_args
         ["--epochs", "3", "--batch_size", "16", "--lr", "0.5", "--alpha", "0.3", "--seed", "7", "--use_tracking"],
         ["--data_root", "/data/cifar"],
         ["--data_root", "/data/my set's über data"],  # NVFlare splits the arguments as a shell would
-        ["--momentum", "0", "--max_grad_norm", "0", "--warmup_rounds", "3", "--stall_timeout", "30"],
+        ["--momentum", "0", "--max_grad_norm", "0", "--warmup_rounds", "3", "--stall_timeout", "30", "--no_augment"],
     ],
 )
 def test_every_training_flag_reaches_the_trainer_unchanged(flags):
