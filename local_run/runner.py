@@ -119,7 +119,7 @@ def keeper(folders: list[str] = ()):
         stdin=subprocess.PIPE, start_new_session=True,
     )  # fmt: skip
     try:
-        yield
+        yield process
     finally:
         process.stdin.close()  # the keeper's cue: by now the watchdog has killed it
         process.wait()
@@ -145,9 +145,14 @@ def run_on_system(recipe, args: argparse.Namespace, sites: list[str]) -> int:
     else:
         env = ProdEnv(startup_kit_location=args.startup_kit)
     run = result = status = failure = None
-    with keeper([get_poc_workspace()] if args.env == "poc" else []), Watchdog(None, sites) as watchdog:
+    poc = [get_poc_workspace()] if args.env == "poc" else []
+    with keeper(poc) as keeper_process, Watchdog(None, sites) as watchdog:
         try:
             run = recipe.execute(env)
+            if poc:  # should job.py die unannounced, the keeper aborts the job before it stops the POC
+                kit = os.path.join(get_poc_workspace(), "example_project", "prod_00", "admin@nvidia.com")
+                keeper_process.stdin.write(f"abort {run.get_job_id()} {kit}\n".encode())
+                keeper_process.stdin.flush()
             print(f"submitted job {run.get_job_id()}; waiting for it to finish")
             # Not run.get_result(): it would stop the POC on its way out, where a signal must not cut in.
             result = env.get_job_result(run.get_job_id())

@@ -194,7 +194,7 @@ def test_the_job_exported_without_the_runner_runs(synthetic_root, tmp_path):
     folder.mkdir()
     copy_files(folder, ["job.py", *TRAINER_FILES])
     exported = run_your_job(
-        folder, "--export_config", str(tmp_path / "out"), "--num_rounds", "2", "--data_root", synthetic_root
+        folder, "--export_config", str(tmp_path / "out"), "--num_rounds", "3", "--data_root", synthetic_root
     )
     assert exported.returncode == 0, exported.stderr[-3000:]
     workspace = str(tmp_path / "ws")
@@ -205,6 +205,6 @@ def test_the_job_exported_without_the_runner_runs(synthetic_root, tmp_path):
     )  # fmt: skip
     assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
     rounds = read_rounds(os.path.join(workspace, "server", "simulate_job"))
-    assert [len(r["sites"]) for r in rounds] == [2, 2]
+    assert [len(r["sites"]) for r in rounds] == [2, 2, 2]
     assert_learns(rounds)
     assert processes_of(workspace) == []
