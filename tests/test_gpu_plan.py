@@ -135,4 +135,4 @@ def test_a_sites_rank_count_changes_its_speed_not_its_model(small_root, tmp_path
         diff = max((models[ranks][k] - models[1][k]).abs().max().item() for k in models[1])
         assert diff < 1e-3, (ranks, diff)
         assert all(abs(a - b) <= 0.005 for a, b in zip(accuracies[ranks], accuracies[1])), accuracies
-    assert accuracies[1][-1] > 0.5  # it learned: the same model, not the same failure
+    assert accuracies[1][-1] > 0.3  # it learned (chance: 0.1): the same model, not the same failure
