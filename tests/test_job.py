@@ -488,3 +488,12 @@ def test_two_jobs_at_once_on_one_machine_need_no_port_flags(synthetic_root, tmp_
         assert job.returncode == 0, stdout[-3000:] + stderr[-3000:]
         assert_learns(round_metrics(workspace))
         assert processes_of(workspace) == []
+
+
+def test_a_workspace_with_a_space_is_refused_for_the_simulator_in_one_line(tmp_path, monkeypatch, capsys):
+    # NVFlare 2.9's simulator joins each site's worker command into one string and splits it on spaces: such a run
+    # waited 60 s and then ended with "a site did not report".
+    code, _, err = job_main(monkeypatch, capsys, "--workspace", str(tmp_path / "a b" / "x"))
+    assert code == 2
+    assert f"--workspace '{tmp_path / 'a b' / 'x'}' holds a space, which NVFlare's simulator cannot run in" in err
+    assert "Traceback" not in err and not (tmp_path / "a b").exists()
