@@ -115,7 +115,7 @@ def run_site(args, device: torch.device) -> None:
         if task.kind == flare_ddp.VALIDATE:  # the final global model, or another site's: score it, train nothing
             task.send(metrics={"accuracy": global_accuracy})
             continue
-        # (4) train locally with DDP, each rank on its own slice of every epoch.
+        # (4) train locally with DDP, each rank on its part of every site batch.
         train_loss = train(
             ddp,
             train_x,
