@@ -29,7 +29,7 @@ from data import (
 )
 from model import Net
 from protocol import add_training_flags
-from rank_exit import die_with_parent, failures_end_the_rank, leave
+from rank_exit import die_with_parent, failures_end_the_rank, leave, say
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -57,10 +57,10 @@ def main() -> NoReturn:
     rank = dist.get_rank()
     with failures_end_the_rank(args.site, args.stall_timeout):
         visible = os.environ.get("CUDA_VISIBLE_DEVICES", "(not set)")
-        print(f"{args.site} rank {rank}: {describe(device)}; CUDA_VISIBLE_DEVICES={visible}", flush=True)
+        say(f"{args.site} rank {rank}: {describe(device)}; CUDA_VISIBLE_DEVICES={visible}")
         if rank == 0:
             why = f" ({why_cpu})" if why_cpu else ""
-            print(f"{args.site}: {dist.get_world_size()} rank(s), backend {backend} on {device.type}{why}", flush=True)
+            say(f"{args.site}: {dist.get_world_size()} rank(s), backend {backend} on {device.type}{why}")
         run_site(args, device)
     dist.destroy_process_group()
     leave(0)
@@ -88,10 +88,9 @@ def run_site(args, device: torch.device) -> None:
     class_counts = torch.bincount(train_y, minlength=10).tolist()
     if rank == 0:
         kind = "SYNTHETIC stand-in" if is_synthetic(args.data_root) else "CIFAR-10"
-        print(
+        say(
             f"{args.site}: {kind} shard of {len(shard)} training images, per class {class_counts}; "
-            f"{len(test_y)} test images",
-            flush=True,
+            f"{len(test_y)} test images"
         )
     # Before the handshake: DDP's first collective must not wait on rank 0's handshake.
     model = Net().to(device)
@@ -131,10 +130,9 @@ def run_site(args, device: torch.device) -> None:
         )
         local_accuracy = evaluate(model, test_x, test_y)
         if rank == 0:
-            print(
+            say(
                 f"{args.site} round {task.round}: global accuracy {global_accuracy:.4f}, "
-                f"train loss {train_loss:.4f}, local accuracy {local_accuracy:.4f}",
-                flush=True,
+                f"train loss {train_loss:.4f}, local accuracy {local_accuracy:.4f}"
             )
             if writer is not None:
                 # Not before the first task: NVFlare drops what a site logs before its run has started.

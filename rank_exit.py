@@ -33,6 +33,13 @@ def die_with_parent(parent: int) -> None:
             sys.exit(1)
 
 
+def say(line: str, stream=sys.stdout) -> None:
+    """Print one line in one write. The ranks of a site share their torchrun's output, and their interpreters run
+    unbuffered (`python -u`): print() writes the text and its newline apart, so two ranks' lines could interleave."""
+    stream.write(f"{line}\n")
+    stream.flush()
+
+
 def leave(code: int, message: str = "") -> NoReturn:
     """End this rank now, without the interpreter's teardown.
 
@@ -41,7 +48,7 @@ def leave(code: int, message: str = "") -> NoReturn:
     takes the GIL during teardown aborts the process (SIGABRT, "terminate called without an active
     exception"; pytorch/pytorch#190489)."""
     if message:
-        print(message, file=sys.stderr, flush=True)
+        say(message, sys.stderr)
     sys.stdout.flush()
     os._exit(code)
 
@@ -64,7 +71,7 @@ def failures_end_the_rank(site: str, stall_timeout: float) -> Iterator[None]:
         elif lost and dist.get_world_size() > int(os.environ.get("LOCAL_WORLD_SIZE", 1)):
             # This node's torchrun names a rank of its own that failed; one on another node reports over there.
             why = f"a peer rank went away ({why}); if no rank of this node failed, see the other nodes' output"
-        print(rank_line(site, dist.get_rank(), ERROR, why), file=sys.stderr, flush=True)
+        say(rank_line(site, dist.get_rank(), ERROR, why), sys.stderr)
         if stalled and "TORCHELASTIC_RUN_ID" in os.environ:
             # torchrun would wait 30 s for a stopped rank to obey SIGTERM, twice; its end kills every rank now.
             os.kill(os.getppid(), signal.SIGKILL)

@@ -144,3 +144,23 @@ def test_a_rank_whose_torchrun_died_first_ends_under_a_subreaper_too():
     # Its new parent is the subreaper, not pid 1: the rank must still see that its torchrun is gone.
     result = subprocess.run([sys.executable, "-c", ORPHAN, ROOT], capture_output=True, text=True, timeout=120)
     assert result.stdout.split("\n")[0] == "[-9, 3]", result.stdout + result.stderr[-2000:]
+
+
+def test_a_ranks_line_reaches_the_shared_output_in_one_write():
+    # The ranks of a site write to one pipe, unbuffered: a line written in two parts (print's text, then its newline)
+    # let two ranks' lines interleave in the site's log ("...CUDA_VISIBLE_DEVICES=0,1site-1 rank 1: ...").
+    from rank_exit import say
+
+    class Pipe:
+        def __init__(self):
+            self.writes = []
+
+        def write(self, text):
+            self.writes.append(text)
+
+        def flush(self):
+            pass
+
+    pipe = Pipe()
+    say("site-1 rank 0: cpu; CUDA_VISIBLE_DEVICES=0,1", pipe)
+    assert pipe.writes == ["site-1 rank 0: cpu; CUDA_VISIBLE_DEVICES=0,1\n"]
