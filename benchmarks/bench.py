@@ -9,7 +9,8 @@
    settings (the original example's, or this project's previous defaults), after the same rounds;
 5. weights exchanged as NumPy arrays vs as PyTorch tensors (the default): a round's wall time and FL overhead;
 6. torchrun's rendezvous on a fixed --master_port vs its standalone one (the default): the time from
-   `python job.py` to the last trainer handshake. Items 5 and 6 alternate jobs of the two settings.
+   `python job.py` to the last trainer handshake. Items 5 and 6 alternate jobs of the two settings
+   (--quick, a smoke run, compares with the run of the defaults that items 3 and 4 made).
 
   python benchmarks/bench.py --data_root /tmp/nvflare/data          # everything, about 12 minutes on 2 cores
   python benchmarks/bench.py --data_root /tmp/nvflare/data --quick  # a smoke run of every item
@@ -238,14 +239,18 @@ def run_job(data_root: str, job_flags: list[str], settings: dict, workspace: str
     }
 
 
-def alternate(data_root: str, job_flags: list[str], a: dict, b: dict, pairs: int) -> tuple[list[dict], list[dict]]:
-    """run_job() with settings a, then b, `pairs` times: both sides see the same machine load."""
+def alternate(
+    data_root: str, job_flags: list[str], a: dict, pairs: int, defaults: list[dict] | None
+) -> tuple[list[dict], list[dict]]:
+    """run_job() with settings a, then with the defaults, `pairs` times: both sides see the same machine load.
+    With `defaults` (a smoke run's runs of the defaults, made already), only a's side runs."""
     runs_a, runs_b = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(pairs):
             runs_a.append(run_job(data_root, job_flags, a, os.path.join(tmp, f"a{i}")))
-            runs_b.append(run_job(data_root, job_flags, b, os.path.join(tmp, f"b{i}")))
-    return runs_a, runs_b
+            if defaults is None:
+                runs_b.append(run_job(data_root, job_flags, {}, os.path.join(tmp, f"b{i}")))
+    return runs_a, runs_b if defaults is None else defaults[:pairs]
 
 
 def over_seeds(runs: list[dict], key: str, fmt: str = ".3f") -> str:
@@ -350,9 +355,10 @@ def main() -> None:
         )
 
     pairs = 1 if args.quick else 3
+    made = ours if args.quick and ours else None  # a smoke run reuses its run of the defaults
     mean = lambda runs, key: sum(r[key] for r in runs) / len(runs)  # noqa: E731
     if "5" in args.items:
-        numpy_runs, torch_runs = alternate(args.data_root, job_flags, {"exchange_format": "numpy"}, {}, pairs)
+        numpy_runs, torch_runs = alternate(args.data_root, job_flags, {"exchange_format": "numpy"}, pairs, made)
         rows.append(
             (
                 f"5 exchange: round wall time (s), NumPy vs PyTorch tensors, {len(torch_runs)} jobs each",
@@ -371,7 +377,7 @@ def main() -> None:
         )
 
     if "6" in args.items:
-        fixed_runs, free_runs = alternate(args.data_root, job_flags, {"master_port": 7777}, {}, pairs)
+        fixed_runs, free_runs = alternate(args.data_root, job_flags, {"master_port": 7777}, pairs, made)
         rows.append(
             (
                 f"6 start-up: python job.py -> last handshake, --master_port vs standalone, {pairs} jobs each",

@@ -1,6 +1,9 @@
 import contextlib
+import dataclasses
 import glob
+import itertools
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,11 +26,17 @@ def pytest_configure(config):
     )
 
 
+def pytest_collection_modifyitems(items):
+    """The real runs first, the quick tests last: the workers that pytest-xdist feeds in this order end together,
+    the quick tests filling the gaps."""
+    items.sort(key=lambda item: item.get_closest_marker("e2e") is None)
+
+
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 NVFLARE = os.path.join(os.path.dirname(sys.executable), "nvflare")
-POC_WORKSPACE = "/tmp/nvflare/poc"
-POC_PROJECT = os.path.join(POC_WORKSPACE, "example_project", "prod_00")  # a folder per participant
-ADMIN_KIT = os.path.join(POC_PROJECT, "admin@nvidia.com")
+# Every real run gets a network of its own, a namespace with nothing but loopback: the ports it listens on (a fixed
+# --master_port, a POC's 8002 and 8003) never meet another test's, nor those of another copy of the suite.
+OWN_NETWORK = ["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$@"', "sh"]
 
 
 INJECT_FAULT = os.path.join(ROOT, "tests", "inject_fault")  # read its sitecustomize.py for DDP_EXAMPLE_FAULT
@@ -49,10 +58,16 @@ def venv_env(gpus: bool = False, **extra) -> dict:
     return env
 
 
-def run_job(*args, timeout=600, gpus=False, **env) -> subprocess.CompletedProcess:
-    """The real `python job.py ARGS`, as a user runs it from this folder (on the CPU unless gpus=True)."""
+def job_command(*args, net: list[str] | None = None) -> list[str]:
+    """`python job.py ARGS` in a network of its own, or in `net` (a Poc's)."""
+    return [*(net or OWN_NETWORK), sys.executable, os.path.join(ROOT, "job.py"), *args]
+
+
+def run_job(*args, timeout=600, gpus=False, net=None, **env) -> subprocess.CompletedProcess:
+    """The real `python job.py ARGS`, as a user runs it from this folder (on the CPU unless gpus=True), in a network
+    of its own (or in `net`)."""
     return subprocess.run(
-        [sys.executable, os.path.join(ROOT, "job.py"), *args],
+        job_command(*args, net=net),
         cwd=ROOT,
         env=venv_env(gpus, **env),
         capture_output=True,
@@ -61,39 +76,98 @@ def run_job(*args, timeout=600, gpus=False, **env) -> subprocess.CompletedProces
     )
 
 
-def nvflare(*args, timeout=300, cwd=None, **env) -> subprocess.CompletedProcess:
-    """The real `nvflare ARGS` CLI."""
+def nvflare(*args, timeout=300, cwd=None, net=(), **env) -> subprocess.CompletedProcess:
+    """The real `nvflare ARGS` CLI (in the network `net`, if given)."""
     return subprocess.run(
-        [NVFLARE, *args], env=venv_env(**env), cwd=cwd, capture_output=True, text=True, timeout=timeout
+        [*net, NVFLARE, *args], env=venv_env(**env), cwd=cwd, capture_output=True, text=True, timeout=timeout
     )
 
 
+def own_poc(folder) -> dict[str, str]:
+    """The environment that gives `job.py --env poc` a POC workspace of its own, folder/poc. NVFlare keeps the job
+    store of a POC outside its default workspace in that workspace too, so no job outlives the test."""
+    return {"NVFLARE_POC_WORKSPACE": os.path.join(str(folder), "poc")}
+
+
+def kill(processes: list[str]) -> None:
+    """SIGKILL each of processes_of()'s lines."""
+    for line in processes:
+        with contextlib.suppress(ProcessLookupError):  # it may have ended since
+            os.kill(int(line.split(":")[0]), signal.SIGKILL)
+
+
+def end_poc(workspace: str) -> None:
+    """What a failed test leaves of a POC: every process of it killed, its workspace deleted."""
+    kill(processes_of(workspace))
+    shutil.rmtree(workspace, ignore_errors=True)
+
+
+@dataclasses.dataclass
+class Poc:
+    """A running POC system of a test's own: its workspace (which holds its job store) and its network."""
+
+    workspace: str
+    net: list[str]  # the prefix that runs a command in the POC's network
+
+    @property
+    def project(self) -> str:
+        return os.path.join(self.workspace, "example_project", "prod_00")  # a folder per participant
+
+    @property
+    def kit(self) -> str:
+        return os.path.join(self.project, "admin@nvidia.com")
+
+    def nvflare(self, *args, **kwargs) -> subprocess.CompletedProcess:
+        # A home of its own too: `nvflare poc prepare` enters the POC's admin kit in ~/.nvflare/config.conf, and
+        # refuses to when another POC's kit of the same name is there.
+        home = os.path.join(os.path.dirname(self.workspace), "home")
+        return nvflare(*args, net=self.net, NVFLARE_POC_WORKSPACE=self.workspace, HOME=home, **kwargs)
+
+
+_namespaces = itertools.count()
+
+
 @contextlib.contextmanager
-def poc_system(log_dir, env_of: dict[str, dict] | None = None):
-    """A POC system of a server and site-1, site-2, started with the CLI as a user would: each participant with
-    `nvflare poc start -p NAME` and its own environment (env_of[NAME], if any). Stopped and cleaned whatever
-    happens; yields the admin's startup kit."""
-    assert not os.path.exists(POC_WORKSPACE), "a POC workspace exists already; refusing to touch it"
-    prepared = nvflare("poc", "prepare", "-n", "2", "--force", cwd=log_dir, timeout=120)
-    assert prepared.returncode == 0, prepared.stderr
+def network_namespace():
+    """A named network namespace with nothing but loopback, for the several commands of one run (a POC and the CLI
+    calls to it); yields the prefix that runs a command in it."""
+    name = f"ddp-example-{os.getpid()}-{next(_namespaces)}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
     try:
-        for name in ("server", "site-1", "site-2"):
-            started = nvflare("poc", "start", "-p", name, cwd=log_dir, timeout=120, **(env_of or {}).get(name, {}))
-            assert started.returncode == 0, started.stdout + started.stderr
-        deadline = time.monotonic() + 120
-        while nvflare("job", "list", "--startup-kit", ADMIN_KIT, timeout=60).returncode != 0:
-            assert time.monotonic() < deadline, "the POC server did not come up within 120 s"
-            time.sleep(3)
-        yield ADMIN_KIT
+        prefix = ["ip", "netns", "exec", name]
+        subprocess.run([*prefix, "ip", "link", "set", "lo", "up"], check=True)
+        yield prefix
     finally:
-        nvflare("poc", "stop", cwd=log_dir, timeout=120)
-        left = processes_left(POC_WORKSPACE)
-        for line in left:  # do not leave them running for the next test, whatever it asserts
-            with contextlib.suppress(ProcessLookupError):  # it may have ended since
-                os.kill(int(line.split(":")[0]), signal.SIGKILL)
-        cleaned = nvflare("poc", "clean", cwd=log_dir, timeout=60)
+        subprocess.run(["ip", "netns", "delete", name], check=False)
+
+
+@contextlib.contextmanager
+def poc_system(folder, env_of: dict[str, dict] | None = None):
+    """A POC system of a server and site-1, site-2 in `folder`, started with the CLI as a user would: each
+    participant with `nvflare poc start -p NAME` and its own environment (env_of[NAME], if any). Stopped and cleaned
+    whatever happens; yields the Poc."""
+    with network_namespace() as net:
+        poc = Poc(os.path.join(str(folder), "poc"), net)
+        prepared = poc.nvflare("poc", "prepare", "-n", "2", "--force", cwd=folder, timeout=120)
+        assert prepared.returncode == 0, prepared.stderr
+        try:
+            for name in ("server", "site-1", "site-2"):
+                started = poc.nvflare(
+                    "poc", "start", "-p", name, cwd=folder, timeout=120, **(env_of or {}).get(name, {})
+                )
+                assert started.returncode == 0, started.stdout + started.stderr
+            deadline = time.monotonic() + 120
+            while poc.nvflare("job", "list", "--startup-kit", poc.kit, timeout=60).returncode != 0:
+                assert time.monotonic() < deadline, "the POC server did not come up within 120 s"
+                time.sleep(3)
+            yield poc
+        finally:
+            poc.nvflare("poc", "stop", cwd=folder, timeout=120)
+            left = processes_left(poc.workspace)
+            kill(left)  # do not leave them running, whatever the test asserts
+            cleaned = poc.nvflare("poc", "clean", cwd=folder, timeout=60)
     assert left == [], "POC processes outlived `nvflare poc stop`"
-    assert not os.path.exists(POC_WORKSPACE), cleaned.stdout + cleaned.stderr
+    assert not os.path.exists(poc.workspace), cleaned.stdout + cleaned.stderr
 
 
 def processes_of(path: str) -> list[str]:

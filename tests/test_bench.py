@@ -9,13 +9,20 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, venv_env
+from conftest import OWN_NETWORK, ROOT, venv_env
 
 
-@pytest.mark.e2e  # it runs job.py 6 times
-def test_quick_bench_prints_every_item(synthetic_root):
+@pytest.mark.e2e  # it runs job.py 4 times, on the small set: the least that shows each item runs
+def test_quick_bench_prints_every_item(small_root):
     result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "bench.py"), "--quick", "--data_root", synthetic_root],
+        [
+            *OWN_NETWORK,
+            sys.executable,
+            os.path.join(ROOT, "benchmarks", "bench.py"),
+            "--quick",
+            "--data_root",
+            small_root,
+        ],  # fmt: skip
         cwd=ROOT,
         env=venv_env(),
         capture_output=True,

@@ -1,5 +1,6 @@
 """Deployment: the exported job under the `nvflare simulator` CLI, and on a live POC system through
-`nvflare job submit`, `job.py --env prod` and `job.py --env poc`. Loopback only."""
+`nvflare job submit`, `job.py --env prod` and `job.py --env poc`. Loopback only: each POC in a network and a
+workspace of its own. On the small synthetic set: what is tested is how the job runs, not what it learns."""
 
 import json
 import os
@@ -12,10 +13,10 @@ import time
 import pytest
 
 from conftest import (
-    POC_PROJECT,
-    POC_WORKSPACE,
     ROOT,
-    nvflare,
+    end_poc,
+    job_command,
+    own_poc,
     poc_system,
     processes_left,
     processes_of,
@@ -29,8 +30,13 @@ from local_run.results import log_times
 pytestmark = pytest.mark.e2e  # real runs of job.py or nvflare: the full tier only
 
 
-def export_job(synthetic_root: str, folder) -> str:
-    result = run_job("--export", "--export-dir", str(folder), "--data_root", synthetic_root, timeout=120)
+ROUNDS = 2  # of an exported job
+
+
+def export_job(data_root: str, folder) -> str:
+    result = run_job(
+        "--export", "--export-dir", str(folder), "--num_rounds", str(ROUNDS), "--data_root", data_root, timeout=120
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return os.path.join(str(folder), JOB_NAME)
 
@@ -44,8 +50,8 @@ def assert_finished(server_dir: str, rounds: int) -> None:
     load_global_model(os.path.join(server_dir, "app_server", "FL_global_model.pt"))
 
 
-def test_exported_job_has_no_path_of_this_machine(synthetic_root, tmp_path):
-    job_dir = export_job(synthetic_root, tmp_path)
+def test_exported_job_has_no_path_of_this_machine(small_root, tmp_path):
+    job_dir = export_job(small_root, tmp_path)
     for folder, _, files in os.walk(job_dir):
         for name in files:
             with open(os.path.join(folder, name), errors="replace") as f:
@@ -54,9 +60,9 @@ def test_exported_job_has_no_path_of_this_machine(synthetic_root, tmp_path):
                 assert local not in text, (name, local)
 
 
-def test_exported_job_runs_under_the_race_free_simulator_cli(synthetic_root, tmp_path):
+def test_exported_job_runs_under_the_race_free_simulator_cli(small_root, tmp_path):
     # `nvflare simulator`'s arguments, with the start-up race forced: NVFlare's own CLI would hang here.
-    job_dir = export_job(synthetic_root, tmp_path / "export")
+    job_dir = export_job(small_root, tmp_path / "export")
     workspace = str(tmp_path / "ws")
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, "local_run", "race_free_simulator.py"), job_dir, "-w", workspace,
@@ -65,101 +71,107 @@ def test_exported_job_runs_under_the_race_free_simulator_cli(synthetic_root, tmp
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert_finished(os.path.join(workspace, "server", "simulate_job"), rounds=5)
+    assert_finished(os.path.join(workspace, "server", "simulate_job"), rounds=ROUNDS)
     assert processes_of(workspace) == []
 
 
-def test_env_poc_runs_the_job_on_its_own_poc_and_removes_it(synthetic_root, tmp_path):
-    assert not os.path.exists(POC_WORKSPACE), "a POC workspace exists already; this test would delete it"
+# What a test of how job.py ends its POC needs of the job: one site of one rank.
+ONE_SITE = ["--n_clients", "1", "--nproc_per_node", "1"]
+
+
+def poc_workspace(tmp_path) -> str:
+    return own_poc(tmp_path)["NVFLARE_POC_WORKSPACE"]
+
+
+def test_env_poc_runs_the_job_on_its_own_poc_and_removes_it(small_root, tmp_path):
     result = run_job(
-        "--env", "poc", "--num_rounds", "2", "--data_root", synthetic_root, "--workspace", str(tmp_path), timeout=600
-    )
+        "--env", "poc", "--num_rounds", "2", "--data_root", small_root, "--workspace", str(tmp_path / "ws"),
+        timeout=600, **own_poc(tmp_path),
+    )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "ended with status FINISHED:COMPLETED" in result.stdout
-    (result_dir,) = [os.path.join(tmp_path, JOB_NAME, d) for d in os.listdir(tmp_path / JOB_NAME)]
+    (result_dir,) = [os.path.join(tmp_path, "ws", JOB_NAME, d) for d in os.listdir(tmp_path / "ws" / JOB_NAME)]
     assert_finished(os.path.join(result_dir, "workspace"), rounds=2)
-    assert not os.path.exists(POC_WORKSPACE)
-    assert processes_left(POC_WORKSPACE) == []
+    assert not os.path.exists(poc_workspace(tmp_path))
+    assert processes_left(poc_workspace(tmp_path)) == []
 
 
-def test_env_poc_start_up_fault_ends_the_job_naming_the_site(synthetic_root, tmp_path):
-    assert not os.path.exists(POC_WORKSPACE), "a POC workspace exists already; this test would delete it"
+def test_env_poc_start_up_fault_ends_the_job_naming_the_site(small_root, tmp_path):
     result = run_job(
-        "--env", "poc", "--num_rounds", "2", "--data_root", synthetic_root, "--workspace", str(tmp_path),
-        timeout=600, DDP_EXAMPLE_FAULT="site-1:1:start:kill",
+        "--env", "poc", "--n_clients", "1", "--num_rounds", "2", "--data_root", small_root, "--workspace",
+        str(tmp_path / "ws"), timeout=600, DDP_EXAMPLE_FAULT="site-1:1:start:kill", **own_poc(tmp_path),
     )  # fmt: skip
     ended = time.time()
     assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
     assert "ended with status FINISHED:EXECUTION_EXCEPTION" in result.stdout
     assert "ERROR: the job stopped during start-up: site-1 rank 1 failed (exit code -9 (SIGKILL))" in result.stderr
-    (kept,) = [os.path.join(tmp_path, JOB_NAME, d) for d in os.listdir(tmp_path / JOB_NAME)]
+    (kept,) = [os.path.join(tmp_path, "ws", JOB_NAME, d) for d in os.listdir(tmp_path / "ws" / JOB_NAME)]
     injected = log_times(os.path.join(kept, "site-1", "log.txt"), "injecting fault")
     assert injected and ended - injected[0] < 120
-    assert not os.path.exists(POC_WORKSPACE)
-    assert processes_left(POC_WORKSPACE) == []
+    assert not os.path.exists(poc_workspace(tmp_path))
+    assert processes_left(poc_workspace(tmp_path)) == []
 
 
-def test_env_poc_with_min_clients_goes_on_without_a_failed_site(synthetic_root, tmp_path):
-    assert not os.path.exists(POC_WORKSPACE), "a POC workspace exists already; this test would delete it"
+def test_env_poc_with_min_clients_goes_on_without_a_failed_site(small_root, tmp_path):
     result = run_job(
         "--env", "poc", "--n_clients", "3", "--nproc_per_node", "1", "--min_clients", "2", "--num_rounds", "3",
-        "--data_root", synthetic_root, "--workspace", str(tmp_path), timeout=600, DDP_EXAMPLE_FAULT="site-3:0:1:kill",
+        "--data_root", small_root, "--workspace", str(tmp_path / "ws"), timeout=600,
+        DDP_EXAMPLE_FAULT="site-3:0:1:kill", **own_poc(tmp_path),
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "ended with status FINISHED:COMPLETED" in result.stdout
     assert "site-3 dropped out in round 1 (site-3 rank 0 failed (exit code -9 (SIGKILL)))" in result.stdout
-    (result_dir,) = [os.path.join(tmp_path, JOB_NAME, d) for d in os.listdir(tmp_path / JOB_NAME)]
+    (result_dir,) = [os.path.join(tmp_path, "ws", JOB_NAME, d) for d in os.listdir(tmp_path / "ws" / JOB_NAME)]
     with open(os.path.join(result_dir, "workspace", "metrics", "round_metrics.jsonl")) as f:
         assert [len(json.loads(line)["sites"]) for line in f] == [3, 2, 2]
-    assert not os.path.exists(POC_WORKSPACE)
-    assert processes_left(POC_WORKSPACE) == []
+    assert not os.path.exists(poc_workspace(tmp_path))
+    assert processes_left(poc_workspace(tmp_path)) == []
 
 
-def test_sigterm_to_job_py_ends_its_poc_and_keeps_the_job(synthetic_root, tmp_path):
-    assert not os.path.exists(POC_WORKSPACE), "a POC workspace exists already; this test would delete it"
+def test_sigterm_to_job_py_ends_its_poc_and_keeps_the_job(small_root, tmp_path):
+    poc = poc_workspace(tmp_path)
     job = subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, "job.py"), "--env", "poc", "--num_rounds", "4",
-         "--data_root", synthetic_root, "--workspace", str(tmp_path)],
-        cwd=ROOT, env=venv_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        job_command("--env", "poc", *ONE_SITE, "--num_rounds", "4", "--data_root", small_root, "--workspace",
+                    str(tmp_path / "ws")),
+        cwd=ROOT, env=venv_env(**own_poc(tmp_path)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        server_logs = os.path.join(POC_PROJECT, "server", "*", "log.txt")
+        server_logs = os.path.join(poc, "example_project", "prod_00", "server", "*", "log.txt")
         wait_for_log_lines(server_logs, "Sending task train", 2, timeout=300)  # round 1 has started
         sent = time.monotonic()
         job.send_signal(signal.SIGTERM)
         _, stderr = job.communicate(timeout=30)
-        assert processes_left(POC_WORKSPACE, grace=30 - (time.monotonic() - sent)) == []
+        assert processes_left(poc, grace=30 - (time.monotonic() - sent)) == []
     finally:
         if job.poll() is None:  # the test failed before job.py ended: leave no POC behind
             job.kill()
-            nvflare("poc", "stop", timeout=120)
-            nvflare("poc", "clean", timeout=60)
+            end_poc(poc)
     assert job.returncode == 128 + signal.SIGTERM, stderr[-3000:]
-    assert not os.path.exists(POC_WORKSPACE)
+    assert not os.path.exists(poc)
     stop = stderr.strip().splitlines()[-1]
     assert stop.startswith("ERROR: the job was stopped by SIGTERM in round ") and " is kept: " in stop, stderr[-3000:]
     load_global_model(stop.split(" is kept: ")[1])
 
 
-def test_sigkill_to_job_py_ends_its_poc(synthetic_root, tmp_path):
-    assert not os.path.exists(POC_WORKSPACE), "a POC workspace exists already; this test would delete it"
+def test_sigkill_to_job_py_ends_its_poc(small_root, tmp_path):
+    poc = poc_workspace(tmp_path)
     job = subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, "job.py"), "--env", "poc", "--num_rounds", "50",
-         "--data_root", synthetic_root, "--workspace", str(tmp_path)],
-        cwd=ROOT, env=venv_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        job_command("--env", "poc", *ONE_SITE, "--num_rounds", "50", "--data_root", small_root, "--workspace",
+                    str(tmp_path / "ws")),
+        cwd=ROOT, env=venv_env(**own_poc(tmp_path)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        wait_for_log_lines(os.path.join(POC_PROJECT, "server", "*", "log.txt"), "Sending task train", 2, timeout=300)
+        server_logs = os.path.join(poc, "example_project", "prod_00", "server", "*", "log.txt")
+        wait_for_log_lines(server_logs, "Sending task train", 2, timeout=300)
         job.send_signal(signal.SIGKILL)
         job.wait(timeout=10)
-        left = processes_left(POC_WORKSPACE, grace=30)
+        left = processes_left(poc, grace=30)
+        gone = not os.path.exists(poc)
     finally:
-        if os.path.exists(POC_WORKSPACE):  # the test failed: leave no POC behind
-            job.kill()
-            nvflare("poc", "stop", timeout=120)
-            nvflare("poc", "clean", timeout=60)
+        job.kill()
+        end_poc(poc)  # if the test failed: leave no POC behind
     assert left == []
-    assert not os.path.exists(POC_WORKSPACE)
+    assert gone
 
 
 # Runs job.py as `python job.py ARGS` does, after making one call of a library it uses send a signal to job.py
@@ -196,19 +208,20 @@ runpy.run_path(sys.argv[0], run_name="__main__")
         ("nvflare.recipe.poc_env:PocEnv.stop", signal.SIGTERM, "after the job had finished"),
     ],
 )
-def test_a_signal_at_any_stage_of_env_poc_leaves_no_poc(call, signum, message, synthetic_root, tmp_path):
-    assert not os.path.exists(POC_WORKSPACE), "a POC workspace exists already; this test would delete it"
-    args = ["--env", "poc", "--num_rounds", "1", "--data_root", synthetic_root, "--workspace", str(tmp_path)]
+def test_a_signal_at_any_stage_of_env_poc_leaves_no_poc(call, signum, message, small_root, tmp_path):
+    poc = poc_workspace(tmp_path)
+    args = ["--env", "poc", *ONE_SITE, "--num_rounds", "1", "--data_root", small_root, "--workspace",
+            str(tmp_path / "ws")]  # fmt: skip
+    command = job_command(*args)
+    python = command.index(sys.executable)
     try:
         result = subprocess.run(
-            [sys.executable, "-c", SIGNAL_AT_CALL, call, str(int(signum)), os.path.join(ROOT, "job.py"), *args],
-            cwd=ROOT, env=venv_env(), capture_output=True, text=True, timeout=600,
+            [*command[:python + 1], "-c", SIGNAL_AT_CALL, call, str(int(signum)), *command[python + 1:]],
+            cwd=ROOT, env=venv_env(**own_poc(tmp_path)), capture_output=True, text=True, timeout=600,
         )  # fmt: skip
     finally:
-        left, poc_left = processes_left(POC_WORKSPACE), os.path.exists(POC_WORKSPACE)
-        if poc_left:  # the test failed: leave no POC behind for the next one
-            nvflare("poc", "stop", timeout=120)
-            nvflare("poc", "clean", timeout=60)
+        left, poc_left = processes_left(poc), os.path.exists(poc)
+        end_poc(poc)  # if the test failed: leave no POC behind
     assert result.returncode == 128 + signum, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"ERROR: the job was stopped by {signal.Signals(signum).name} {message}" in result.stderr
     assert "Traceback" not in result.stderr
@@ -217,46 +230,43 @@ def test_a_signal_at_any_stage_of_env_poc_leaves_no_poc(call, signum, message, s
 
 @pytest.fixture(scope="module")
 def poc(tmp_path_factory):
-    with poc_system(tmp_path_factory.mktemp("poc")) as admin_kit:
-        yield admin_kit
+    with poc_system(tmp_path_factory.mktemp("poc")) as system:
+        yield system
 
 
-def test_exported_job_completes_on_poc_through_the_cli(poc, synthetic_root, tmp_path):
-    job_dir = export_job(synthetic_root, tmp_path / "export")
-    submitted = nvflare("job", "submit", "-j", job_dir, "--startup-kit", poc, timeout=120)
+@pytest.mark.xdist_group("poc")  # the tests of one POC run in one worker, which starts it once
+def test_exported_job_completes_on_poc_through_the_cli(poc, small_root, tmp_path):
+    job_dir = export_job(small_root, tmp_path / "export")
+    submitted = poc.nvflare("job", "submit", "-j", job_dir, "--startup-kit", poc.kit, timeout=120)
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
     job_id = re.search(r"job_id: (\S+)", submitted.stdout + submitted.stderr).group(1)
 
-    waited = nvflare("job", "wait", job_id, "--timeout", "600", "--startup-kit", poc, timeout=660)
+    waited = poc.nvflare("job", "wait", job_id, "--timeout", "600", "--startup-kit", poc.kit, timeout=660)
     assert "FINISHED:COMPLETED" in waited.stdout + waited.stderr, waited.stdout + waited.stderr
-    downloaded = nvflare("job", "download", job_id, "-o", str(tmp_path / "result"), "--startup-kit", poc)
+    downloaded = poc.nvflare("job", "download", job_id, "-o", str(tmp_path / "result"), "--startup-kit", poc.kit)
     assert downloaded.returncode == 0, downloaded.stdout + downloaded.stderr
-    assert_finished(str(tmp_path / "result" / job_id / "workspace"), rounds=5)
+    assert_finished(str(tmp_path / "result" / job_id / "workspace"), rounds=ROUNDS)
     for site in ("site-1", "site-2"):  # where docs/deploy.md says the site logs are
-        assert os.path.isfile(os.path.join(os.path.dirname(poc), site, job_id, "log.txt"))
+        assert os.path.isfile(os.path.join(poc.project, site, job_id, "log.txt"))
 
 
-def test_env_prod_submits_to_the_running_system(poc, synthetic_root, tmp_path):
+@pytest.mark.xdist_group("poc")
+def test_env_prod_submits_to_the_running_system(poc, small_root, tmp_path):
     result = run_job(
-        "--env",
-        "prod",
-        "--startup_kit",
-        poc,
-        "--num_rounds",
-        "2",
-        "--data_root",
-        synthetic_root,
-        "--workspace",
-        str(tmp_path),
-        timeout=600,
-    )
+        "--env", "prod", "--startup_kit", poc.kit, "--num_rounds", "2", "--data_root", small_root,
+        "--workspace", str(tmp_path), timeout=600, net=poc.net,
+    )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "ended with status FINISHED:COMPLETED" in result.stdout
     assert "final global model: after round 1" in result.stdout
 
 
-def test_env_poc_refuses_to_replace_a_running_poc(poc, synthetic_root, tmp_path):
-    result = run_job("--env", "poc", "--data_root", synthetic_root, "--workspace", str(tmp_path), timeout=120)
+@pytest.mark.xdist_group("poc")
+def test_env_poc_refuses_to_replace_a_running_poc(poc, small_root, tmp_path):
+    result = run_job(
+        "--env", "poc", "--data_root", small_root, "--workspace", str(tmp_path), timeout=120, net=poc.net,
+        NVFLARE_POC_WORKSPACE=poc.workspace,
+    )  # fmt: skip
     assert result.returncode == 2
-    assert f"ERROR: a POC workspace exists at {POC_WORKSPACE}" in result.stderr
-    assert nvflare("job", "list", "--startup-kit", poc, timeout=60).returncode == 0  # still up
+    assert f"ERROR: a POC workspace exists at {poc.workspace}" in result.stderr
+    assert poc.nvflare("job", "list", "--startup-kit", poc.kit, timeout=60).returncode == 0  # still up

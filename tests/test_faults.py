@@ -6,12 +6,13 @@ The faults come from outside the trainer: with DDP_EXAMPLE_FAULT=SITE:RANK:PHASE
 sitecustomize makes that rank fail. PHASE is `start` (after torchrun started, before the handshake), a round number,
 or `eval` (the final evaluation); KIND is kill (SIGKILL that rank), raise (an exception), stop (SIGSTOP: the rank
 hangs) or kill_torchrun (SIGKILL the site's torchrun). Several faults are comma-separated.
+
+The runs that need not learn train on the small synthetic set: what is tested is the phase, not the data.
 """
 
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -19,6 +20,7 @@ import pytest
 from conftest import (
     ROOT,
     assert_learns,
+    job_command,
     processes_left,
     processes_of,
     round_metrics,
@@ -58,13 +60,13 @@ def assert_kept(stderr: str, workspace: str, kept_round: int | None) -> None:
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("phase", PHASES)
-def test_fault_ends_the_job_naming_site_rank_and_phase(phase, kind, synthetic_root, tmp_path):
+def test_fault_ends_the_job_naming_site_rank_and_phase(phase, kind, small_root, tmp_path):
     site = "site-1" if kind == "raise" else "site-2"
     rank, cause = KINDS[kind]
     said, kept_round = PHASES[phase]
     workspace = str(tmp_path)
     result = run_job(
-        "--num_rounds", str(ROUNDS), "--data_root", synthetic_root, "--workspace", workspace,
+        "--num_rounds", str(ROUNDS), "--data_root", small_root, "--workspace", workspace,
         "--master_port", "7830", timeout=300, DDP_EXAMPLE_FAULT=f"{site}:{rank}:{phase}:{kind}",
     )  # fmt: skip
     ended = time.time()
@@ -77,10 +79,10 @@ def test_fault_ends_the_job_naming_site_rank_and_phase(phase, kind, synthetic_ro
     assert processes_of(workspace) == []
 
 
-def test_stuck_rank_ends_its_site_after_the_stall_timeout(synthetic_root, tmp_path):
+def test_stuck_rank_ends_its_site_after_the_stall_timeout(small_root, tmp_path):
     workspace = str(tmp_path)
     result = run_job(
-        "--num_rounds", str(ROUNDS), "--stall_timeout", "10", "--data_root", synthetic_root,
+        "--num_rounds", str(ROUNDS), "--stall_timeout", "10", "--data_root", small_root,
         "--workspace", workspace, "--master_port", "7830", timeout=300, DDP_EXAMPLE_FAULT="site-2:1:1:stop",
     )  # fmt: skip
     ended = time.time()
@@ -107,12 +109,12 @@ def test_stuck_rank_ends_its_site_after_the_stall_timeout(synthetic_root, tmp_pa
     ],
 )
 def test_signal_to_job_py_ends_every_process_it_started(
-    signum, phase, wait_for, kept_round, fault, synthetic_root, tmp_path
+    signum, phase, wait_for, kept_round, fault, small_root, tmp_path
 ):
     workspace = str(tmp_path)
     job = subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, "job.py"), "--num_rounds", str(ROUNDS), "--data_root", synthetic_root,
-         "--workspace", workspace, "--master_port", "7830"],
+        job_command("--num_rounds", str(ROUNDS), "--data_root", small_root, "--workspace", workspace,
+                    "--master_port", "7830"),
         cwd=ROOT, env=venv_env(DDP_EXAMPLE_FAULT=fault), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -165,9 +167,9 @@ def test_with_min_clients_a_failed_site_drops_out_and_the_others_finish(syntheti
     assert processes_of(workspace) == []
 
 
-def test_below_min_clients_the_job_ends_naming_the_sites_it_lost(synthetic_root, tmp_path):
+def test_below_min_clients_the_job_ends_naming_the_sites_it_lost(small_root, tmp_path):
     workspace = str(tmp_path)
-    result = run_min_clients_job(synthetic_root, workspace, 3, "site-2:0:1:raise,site-3:0:1:kill")
+    result = run_min_clients_job(small_root, workspace, 3, "site-2:0:1:raise,site-3:0:1:kill")
 
     assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
     assert (
@@ -182,12 +184,12 @@ def test_below_min_clients_the_job_ends_naming_the_sites_it_lost(synthetic_root,
     "phase, said, kept_round", [("start", "during start-up", None), ("eval", "in the final evaluation", 1)]
 )
 def test_with_min_clients_a_failure_outside_the_rounds_still_ends_the_job(
-    phase, said, kept_round, synthetic_root, tmp_path
+    phase, said, kept_round, small_root, tmp_path
 ):
     # Before its handshake a site can't drop out (the server is never told it ended), and after the rounds the
     # final model would lack its score: both end the job, as without --min_clients.
     workspace = str(tmp_path)
-    result = run_min_clients_job(synthetic_root, workspace, 2, f"site-3:0:{phase}:kill")
+    result = run_min_clients_job(small_root, workspace, 2, f"site-3:0:{phase}:kill")
 
     assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"ERROR: the job stopped {said}: site-3 rank 0 failed (exit code -9 (SIGKILL)). Logs: " in result.stderr
@@ -200,8 +202,7 @@ def test_sigkill_to_job_py_in_a_round_leaves_no_process(small_root, tmp_path):
     # job.py starts in a session of its own, sees job.py's end and ends what it had started.
     workspace = str(tmp_path)
     job = subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, "job.py"), "--num_rounds", "300", "--data_root", small_root,
-         "--workspace", workspace],
+        job_command("--num_rounds", "300", "--data_root", small_root, "--workspace", workspace),
         cwd=ROOT, env=venv_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:

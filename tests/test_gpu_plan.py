@@ -67,10 +67,10 @@ def test_sites_of_different_sizes_get_blocks_of_their_own_sizes():
 
 
 @pytest.mark.e2e
-def test_each_rank_sees_its_own_sites_gpus(synthetic_root, tmp_path):
+def test_each_rank_sees_its_own_sites_gpus(small_root, tmp_path):
     workspace = str(tmp_path)
     result = run_job(
-        "--num_rounds", "1", "--data_root", synthetic_root, "--workspace", workspace, "--master_port", "7890",
+        "--num_rounds", "1", "--data_root", small_root, "--workspace", workspace, "--master_port", "7890",
         CUDA_VISIBLE_DEVICES="0,1,2,3",
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -117,14 +117,15 @@ def test_a_rank_count_for_each_site_or_for_all(given, capsys):
 
 @pytest.mark.e2e
 def test_a_sites_rank_count_changes_its_speed_not_its_model(small_root, tmp_path):
-    """The same seed on 1, 2 and 3 ranks a site: the same batches, split over the ranks, give the same global model.
-    The default site batch, 128, does not divide by 3."""
+    """The same seed on 1, 2 and 3 ranks of one site: the same batches, split over the ranks, give the same global
+    model. The default site batch, 64, does not divide by 3."""
     models, accuracies = {}, {}
     for ranks in (1, 2, 3):
         workspace = str(tmp_path / str(ranks))
         result = run_job(
-            "--num_rounds", "2", "--nproc_per_node", str(ranks), "--data_root", small_root, "--workspace", workspace
-        )
+            "--num_rounds", "2", "--n_clients", "1", "--nproc_per_node", str(ranks), "--data_root", small_root,
+            "--workspace", workspace,
+        )  # fmt: skip
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         app = os.path.join(workspace, JOB_NAME, "server", "simulate_job", "app_server", "FL_global_model.pt")
         models[ranks] = torch.load(app, weights_only=True)["model"]

@@ -20,6 +20,8 @@ from conftest import (
     WritesMarker,
     assert_clean,
     assert_learns,
+    job_command,
+    network_namespace,
     processes_of,
     round_metrics,
     run_job,
@@ -31,6 +33,8 @@ from job import JOB_NAME, load_global_model
 from local_run.race_free_simulator import console_log
 from local_run.results import metric, read_final_scores
 from model import Net
+
+SITES = ["site-1", "site-2", "site-3"]
 
 
 def job_main(monkeypatch, capsys, *args, **env) -> tuple[int, str, str]:
@@ -61,6 +65,7 @@ def default_run(synthetic_root, tmp_path_factory):
 
 
 @pytest.mark.e2e
+@pytest.mark.xdist_group("default_run")  # one worker runs the job once for these tests
 def test_job_exits_zero_and_every_site_reports_every_round(default_run):
     result, workspace, _ = default_run
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -72,6 +77,7 @@ def test_job_exits_zero_and_every_site_reports_every_round(default_run):
 
 
 @pytest.mark.e2e
+@pytest.mark.xdist_group("default_run")
 def test_the_console_shows_a_line_a_round_and_nvflares_output_is_kept(default_run):
     result, workspace, _ = default_run
     lines = result.stdout.splitlines()
@@ -83,6 +89,7 @@ def test_the_console_shows_a_line_a_round_and_nvflares_output_is_kept(default_ru
 
 
 @pytest.mark.e2e
+@pytest.mark.xdist_group("default_run")
 def test_each_site_trains_with_two_gloo_ranks(default_run):
     _, workspace, _ = default_run
     for site in ("site-1", "site-2"):
@@ -93,6 +100,7 @@ def test_each_site_trains_with_two_gloo_ranks(default_run):
 
 
 @pytest.mark.e2e
+@pytest.mark.xdist_group("default_run")
 def test_global_accuracy_climbs_well_above_chance(default_run):
     _, workspace, _ = default_run
     assert_learns(round_metrics(workspace))
@@ -104,17 +112,11 @@ def per_round(workspace: str) -> list[tuple[float, float]]:
 
 
 @pytest.mark.e2e
-def test_the_same_seed_reproduces_every_round(default_run, synthetic_root, tmp_path):
-    _, first, _ = default_run
-    again = run_job(
-        "--num_rounds", "3", "--data_root", synthetic_root, "--workspace", str(tmp_path), "--master_port", "7815"
-    )  # fmt: skip
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert per_round(str(tmp_path)) == per_round(first)
-
-
-@pytest.mark.e2e
-def test_a_data_root_with_spaces_quotes_and_accents_reaches_every_rank(default_run, synthetic_root, tmp_path):
+@pytest.mark.xdist_group("default_run")
+def test_the_same_seed_at_a_path_with_spaces_quotes_and_accents_reproduces_every_round(
+    default_run, synthetic_root, tmp_path
+):
+    # The same data at another path, which every rank must get as it is: the same seed, so the same run.
     _, plain, _ = default_run
     root = tmp_path / "my set's \u00fcber data"
     shutil.copytree(synthetic_root, root)
@@ -123,10 +125,11 @@ def test_a_data_root_with_spaces_quotes_and_accents_reaches_every_rank(default_r
         "--num_rounds", "3", "--data_root", str(root), "--workspace", workspace, "--master_port", "7815"
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert per_round(workspace) == per_round(plain)  # the same data, so the same run as at a plain path
+    assert per_round(workspace) == per_round(plain)
 
 
 @pytest.mark.e2e
+@pytest.mark.xdist_group("default_run")
 def test_global_models_load_into_net_and_best_is_the_best_round(default_run, synthetic_root):
     _, workspace, _ = default_run
     app = os.path.join(workspace, JOB_NAME, "server", "simulate_job", "app_server")
@@ -141,6 +144,7 @@ def test_global_models_load_into_net_and_best_is_the_best_round(default_run, syn
 
 
 @pytest.mark.e2e
+@pytest.mark.xdist_group("default_run")
 def test_clean_run_leaves_no_traceback_no_error_and_no_process(default_run):
     _, workspace, left_in_temp = default_run
     assert_clean(workspace)
@@ -148,29 +152,28 @@ def test_clean_run_leaves_no_traceback_no_error_and_no_process(default_run):
     assert not glob.glob(os.path.join(workspace, "**", "*tfevents*"), recursive=True)  # no tracking asked for
 
 
+@pytest.fixture(scope="module")
+def three_sites_run(synthetic_root, tmp_path_factory):
+    """3 sites of 1 rank with tracking and cross-site evaluation, 2 rounds: what the two tests below read."""
+    workspace = str(tmp_path_factory.mktemp("three_sites"))
+    result = run_job(
+        "--num_rounds", "2", "--n_clients", "3", "--nproc_per_node", "1", "--use_tracking", "--cross_site_eval",
+        "--data_root", synthetic_root, "--workspace", workspace, "--master_port", "7820",
+    )  # fmt: skip
+    return result, workspace
+
+
 @pytest.mark.e2e
-def test_tracking_with_three_sites_logs_per_site_scalars(synthetic_root, tmp_path):
+@pytest.mark.xdist_group("three_sites_run")  # one worker runs the job once for these tests
+def test_tracking_with_three_sites_logs_per_site_scalars(three_sites_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    workspace = str(tmp_path)
-    result = run_job(
-        "--num_rounds",
-        "2",
-        "--n_clients",
-        "3",
-        "--use_tracking",
-        "--data_root",
-        synthetic_root,
-        "--workspace",
-        workspace,
-        "--master_port",
-        "7820",
-    )
+    result, workspace = three_sites_run
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert all(len(r["sites"]) == 3 for r in round_metrics(workspace))
     shards = result.stdout.split("training shards: ")[1].splitlines()[0]
     assert sum(int(part.split()[1]) for part in shards.split(", ")) == 10_000
-    for site in ("site-1", "site-2", "site-3"):
+    for site in SITES:
         events = EventAccumulator(os.path.join(workspace, JOB_NAME, "server", "simulate_job", "tb_events", site))
         events.Reload()
         for tag in ("train_loss", "global_accuracy", "local_accuracy"):
@@ -180,6 +183,30 @@ def test_tracking_with_three_sites_logs_per_site_scalars(synthetic_root, tmp_pat
         with open(os.path.join(workspace, JOB_NAME, site, "log.txt")) as f:
             assert "skip the fed event firing" not in f.read()  # a scalar NVFlare dropped
     assert_clean(workspace)
+
+
+@pytest.mark.e2e
+@pytest.mark.xdist_group("three_sites_run")
+def test_cross_site_eval_scores_every_sites_model_and_the_global_ones_on_every_site(three_sites_run):
+    result, workspace = three_sites_run
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    server_dir = os.path.join(workspace, JOB_NAME, "server", "simulate_job")
+    path = os.path.join(server_dir, "cross_site_val", "cross_val_results.json")
+    with open(path) as f:
+        matrix = json.load(f)
+    models = [*SITES, "SRV_FL_global_model.pt", "SRV_best_FL_global_model.pt"]
+    assert sorted(matrix) == SITES  # every site scored ...
+    assert all(sorted(scores) == sorted(models) for scores in matrix.values())  # ... every model
+    # Each site's own model is what it sent in the last round: its local accuracy then.
+    last = {s["name"]: metric(s["metrics"], "local_accuracy") for s in round_metrics(workspace)[-1]["sites"]}
+    for site in SITES:
+        assert matrix[site][site]["accuracy"] == pytest.approx(last[site], abs=1e-6)
+    lines = result.stdout.splitlines()
+    header = lines.index(f"cross-site evaluation, accuracy of each model (row) on each site's test set: {path}")
+    rows = {
+        line.split()[0]: [float(v) for v in line.split()[1:]] for line in lines[header + 2 : header + 2 + len(models)]
+    }
+    assert rows == {m: [round(matrix[s][m]["accuracy"], 4) for s in SITES] for m in models}
 
 
 def test_empty_data_root_fails_fast_naming_prepare_data(tmp_path, monkeypatch, capsys):
@@ -312,7 +339,7 @@ def test_export_config_into_unwritable_folder_is_one_clear_line(tmp_path, monkey
     assert f"ERROR: can't write the job folder to {blocker / 'job_config'}" in capsys.readouterr().err
 
 
-def accuracy_as_the_sites_measure(model, data_root: str, ranks: int = 2) -> float:
+def accuracy_as_the_sites_measure(model, data_root: str, ranks: int) -> float:
     """The test accuracy of `model`, counted over the same per-rank slices as client.evaluate."""
     _, _, test_x, test_y = load_cifar10(data_root)
     torch.set_num_threads(1)  # like each rank
@@ -325,18 +352,19 @@ def accuracy_as_the_sites_measure(model, data_root: str, ranks: int = 2) -> floa
 
 @pytest.mark.e2e
 def test_a_crashed_run_resumes_from_its_kept_global_model(synthetic_root, tmp_path):
+    # 1 rank a site: what is resumed is the global model, whatever the ranks.
     crashed = run_job(
-        "--num_rounds", "3", "--data_root", synthetic_root, "--workspace", str(tmp_path / "crashed"),
-        "--master_port", "7860", DDP_EXAMPLE_FAULT="site-2:0:2:kill_torchrun",
+        "--num_rounds", "3", "--nproc_per_node", "1", "--data_root", synthetic_root, "--workspace",
+        str(tmp_path / "crashed"), "--master_port", "7860", DDP_EXAMPLE_FAULT="site-2:0:2:kill_torchrun",
     )  # fmt: skip
     assert crashed.returncode == 1, crashed.stderr[-3000:]
     saved = crashed.stderr.split("the global model after round 1 is kept: ")[1].split()[0]
-    saved_accuracy = accuracy_as_the_sites_measure(load_global_model(saved), synthetic_root)
+    saved_accuracy = accuracy_as_the_sites_measure(load_global_model(saved), synthetic_root, ranks=1)
 
     workspace = str(tmp_path / "resumed")
     resumed = run_job(
-        "--num_rounds", "2", "--initial_model", saved, "--data_root", synthetic_root, "--workspace", workspace,
-        "--master_port", "7860",
+        "--num_rounds", "2", "--nproc_per_node", "1", "--initial_model", saved, "--data_root", synthetic_root,
+        "--workspace", workspace, "--master_port", "7860",
     )  # fmt: skip
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     first = round_metrics(workspace)[0]
@@ -401,7 +429,7 @@ def is_loopback(address: str) -> bool:
 
 
 @pytest.mark.e2e
-def test_a_local_run_listens_on_loopback_only_but_for_torchruns_store(synthetic_root, tmp_path):
+def test_a_local_run_listens_on_loopback_only_but_for_torchruns_store(small_root, tmp_path):
     """In a network namespace of its own where the hostname resolves to a non-loopback address, as on many hosts:
     gloo would listen there unless told to use loopback. torchrun's store listens on every interface: torch offers
     no bind address for it (docs/security.md)."""
@@ -411,7 +439,7 @@ def test_a_local_run_listens_on_loopback_only_but_for_torchruns_store(synthetic_
     workspace = str(tmp_path / "ws")
     job = subprocess.Popen(
         ["unshare", "--net", "--mount", "sh", "-c", setup, "sh", sys.executable, os.path.join(ROOT, "job.py"),
-         "--num_rounds", "3", "--data_root", synthetic_root, "--workspace", workspace, "--master_port", "7875"],
+         "--num_rounds", "2", "--data_root", small_root, "--workspace", workspace, "--master_port", "7875"],
         cwd=ROOT, env=venv_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -429,61 +457,37 @@ def test_a_local_run_listens_on_loopback_only_but_for_torchruns_store(synthetic_
 
 
 @pytest.mark.e2e
-def test_cross_site_eval_scores_every_sites_model_and_the_global_ones_on_every_site(synthetic_root, tmp_path):
-    workspace = str(tmp_path)
-    result = run_job(
-        "--num_rounds", "2", "--cross_site_eval", "--data_root", synthetic_root, "--workspace", workspace,
-        "--master_port", "7880",
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    server_dir = os.path.join(workspace, JOB_NAME, "server", "simulate_job")
-    path = os.path.join(server_dir, "cross_site_val", "cross_val_results.json")
-    with open(path) as f:
-        matrix = json.load(f)
-    models = ["site-1", "site-2", "SRV_FL_global_model.pt", "SRV_best_FL_global_model.pt"]
-    assert sorted(matrix) == ["site-1", "site-2"]  # every site scored ...
-    assert all(sorted(scores) == sorted(models) for scores in matrix.values())  # ... every model
-    # Each site's own model is what it sent in the last round: its local accuracy then.
-    last = {s["name"]: metric(s["metrics"], "local_accuracy") for s in round_metrics(workspace)[-1]["sites"]}
-    for site in ("site-1", "site-2"):
-        assert matrix[site][site]["accuracy"] == pytest.approx(last[site], abs=1e-6)
-    lines = result.stdout.splitlines()
-    header = lines.index(f"cross-site evaluation, accuracy of each model (row) on each site's test set: {path}")
-    rows = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in lines[header + 2 : header + 6]}
-    assert rows == {m: [round(matrix[s][m]["accuracy"], 4) for s in ("site-1", "site-2")] for m in models}
-    assert_clean(workspace)
-
-
-@pytest.mark.e2e
 def test_two_jobs_at_once_on_one_machine_need_no_port_flags(synthetic_root, tmp_path):
     # Each site's torchrun takes a free port at each launch: with a fixed one, the second job's sites would fail
     # at their rendezvous.
     workspaces = [str(tmp_path / "first"), str(tmp_path / "second")]
-    jobs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                os.path.join(ROOT, "job.py"),
-                "--num_rounds",
-                "3",
-                "--data_root",
-                synthetic_root,
-                "--workspace",
-                workspace,
-            ],
-            cwd=ROOT,
-            env=venv_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        for workspace in workspaces
-    ]
-    try:
-        outputs = [job.communicate(timeout=600) for job in jobs]
-    finally:
-        for job in jobs:
-            job.kill()
+    with network_namespace() as net:  # one network for both
+        jobs = [
+            subprocess.Popen(
+                job_command(
+                    "--num_rounds",
+                    "3",
+                    "--nproc_per_node",
+                    "1",
+                    "--data_root",
+                    synthetic_root,
+                    "--workspace",
+                    workspace,
+                    net=net,
+                ),  # fmt: skip
+                cwd=ROOT,
+                env=venv_env(),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )  # fmt: skip
+            for workspace in workspaces
+        ]
+        try:
+            outputs = [job.communicate(timeout=600) for job in jobs]
+        finally:
+            for job in jobs:
+                job.kill()
     for job, (stdout, stderr), workspace in zip(jobs, outputs, workspaces):
         assert job.returncode == 0, stdout[-3000:] + stderr[-3000:]
         assert_learns(round_metrics(workspace))

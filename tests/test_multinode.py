@@ -29,10 +29,10 @@ from nvflare.private.fed.server.job_meta_validator import JobMetaValidator
 from nvflare.utils.job_launcher_utils import get_job_launcher_spec
 
 from conftest import (
-    POC_PROJECT,
     ROOT,
     assert_learns,
-    nvflare,
+    job_command,
+    network_namespace,
     poc_system,
     processes_left,
     run_job,
@@ -114,15 +114,16 @@ def test_with_slurm_flags_each_node_runs_gpus_per_node_ranks():
 def poc(tmp_path_factory):
     """A POC whose site-1 is node 0 of a 2-node group."""
     env_of = {"server": QUIET, "site-1": {**QUIET, **NODE_GROUP, "NVFL_NODE_RANK": "0"}, "site-2": QUIET}
-    with poc_system(tmp_path_factory.mktemp("poc"), env_of) as admin_kit:
-        yield admin_kit
+    with poc_system(tmp_path_factory.mktemp("poc"), env_of) as system:
+        yield system
 
 
-def wait_for_new_job(site: str, known: set[str], job: subprocess.Popen, timeout: float = 180) -> str:
-    """The folder of the job that NVFlare deploys to `site` next (one not in `known`), once its app is there."""
+def wait_for_new_job(project: str, site: str, known: set[str], job: subprocess.Popen, timeout: float = 180) -> str:
+    """The folder of the job that NVFlare deploys to `site` of a POC's `project` next (one not in `known`), once its
+    app is there."""
     deadline = time.monotonic() + timeout
     while True:
-        scripts = glob.glob(os.path.join(POC_PROJECT, site, "*", f"app_{site}", "custom", "client.py"))
+        scripts = glob.glob(os.path.join(project, site, "*", f"app_{site}", "custom", "client.py"))
         new = [str(Path(script).parents[2]) for script in scripts if str(Path(script).parents[2]) not in known]
         if new:
             return new[0]
@@ -152,29 +153,29 @@ def node_script(job_dir: str, site: str) -> str:
     return _render_node_script(plan, None)  # the config is read only for Apptainer
 
 
-def run_two_node_job(admin_kit: str, data_root: str, tmp_path, **node_1_env) -> dict:
+def run_two_node_job(poc, data_root: str, tmp_path, **node_1_env) -> dict:
     """`job.py --env prod --slurm_nodes 2 ...` against the POC, with site-1's node 1 started by NVFlare's Slurm
     node script. Returns job.py's and node 1's exit codes and output, and site-1's job folder."""
-    known = {os.path.dirname(p) for p in glob.glob(os.path.join(POC_PROJECT, "site-1", "*", "meta.json"))}
+    known = {os.path.dirname(p) for p in glob.glob(os.path.join(poc.project, "site-1", "*", "meta.json"))}
     out, err, node_log = (open(tmp_path / name, "w+") for name in ("job.out", "job.err", "node1.log"))
     job = subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, "job.py"), "--env", "prod", "--startup_kit", admin_kit, *SLURM_FLAGS,
-         "--num_rounds", str(ROUNDS), "--data_root", data_root, "--workspace", str(tmp_path)],
+        job_command("--env", "prod", "--startup_kit", poc.kit, *SLURM_FLAGS, "--num_rounds", str(ROUNDS),
+                    "--data_root", data_root, "--workspace", str(tmp_path), net=poc.net),
         cwd=ROOT, env=venv_env(), stdout=out, stderr=err,
     )  # fmt: skip
     node_1 = job_dir = None
     try:
-        job_dir = wait_for_new_job("site-1", known, job)
+        job_dir = wait_for_new_job(poc.project, "site-1", known, job)
         # What srun runs on every node of the allocation, with node 1's SLURM_NODEID and the group's variables.
         node_1 = subprocess.Popen(
-            ["bash", "-c", node_script(job_dir, "site-1")], env=venv_env(**QUIET, **NODE_GROUP, SLURM_NODEID="1",
-            **node_1_env), stdout=node_log, stderr=subprocess.STDOUT,
+            [*poc.net, "bash", "-c", node_script(job_dir, "site-1")], env=venv_env(**QUIET, **NODE_GROUP,
+            SLURM_NODEID="1", **node_1_env), stdout=node_log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         job.wait(timeout=600)
         node_1.wait(timeout=60)
     finally:
         if job.poll() is None and job_dir:  # the test failed first: end the job, or the POC's stop fails on it
-            nvflare("job", "abort", os.path.basename(job_dir), "--force", "--startup-kit", admin_kit, timeout=120)
+            poc.nvflare("job", "abort", os.path.basename(job_dir), "--force", "--startup-kit", poc.kit, timeout=120)
         for process in (job, node_1):
             if process and process.poll() is None:  # ... and leave nothing running
                 process.kill()
@@ -188,6 +189,7 @@ def run_two_node_job(admin_kit: str, data_root: str, tmp_path, **node_1_env) -> 
 
 
 @pytest.mark.e2e
+@pytest.mark.xdist_group("two_nodes")  # the tests of one POC run in one worker, which starts it once
 def test_a_site_on_two_nodes_trains_over_both(poc, synthetic_root, tmp_path):
     run = run_two_node_job(poc, synthetic_root, tmp_path)
     assert run["code"] == 0, run["stdout"][-3000:] + run["stderr"][-3000:]
@@ -209,6 +211,7 @@ def test_a_site_on_two_nodes_trains_over_both(poc, synthetic_root, tmp_path):
 
 
 @pytest.mark.e2e
+@pytest.mark.xdist_group("two_nodes")
 def test_node_1_killed_mid_round_ends_the_job(poc, synthetic_root, tmp_path):
     run = run_two_node_job(poc, synthetic_root, tmp_path, DDP_EXAMPLE_FAULT="site-1:1:1:kill")
     assert run["code"] == 1, run["stdout"][-3000:] + run["stderr"][-3000:]
@@ -224,12 +227,6 @@ def test_node_1_killed_mid_round_ends_the_job(poc, synthetic_root, tmp_path):
     assert processes_left(run["job_dir"]) == []
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_nodes_that_loaded_different_data_end_the_site_at_once_naming_what_differs(synthetic_root, tmp_path):
     """A site of 2 nodes of 1 rank each, met by torchrun's static rendezvous on loopback; node 1 runs in a mount
     namespace of its own, where --data_root holds another copy of the data with one label changed."""
@@ -239,23 +236,23 @@ def test_nodes_that_loaded_different_data_end_the_site_at_once_naming_what_diffe
     batch = read_pickle(path)
     batch["labels"][0] = (batch["labels"][0] + 1) % 10
     write_pickle(path, batch)
-    port = free_port()
-    nodes = []
-    for node in (0, 1):
-        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
-                   "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}", "--log-dir=/dev/null",
-                   os.path.join(ROOT, "client.py"), "--data_root", synthetic_root, "--site", "site-1",
-                   "--sites", "site-1,site-2"]  # fmt: skip
-        if node == 1:  # this node sees its own copy at --data_root
-            command = ["unshare", "--mount", "sh", "-c", 'mount --bind "$0" "$1" && shift && exec "$@"', str(other),
-                       synthetic_root, *command]  # fmt: skip
-        nodes.append(subprocess.Popen(command, env=venv_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True))  # fmt: skip
-    try:
-        outputs = [node.communicate(timeout=120)[0] for node in nodes]
-    finally:
-        for node in nodes:
-            node.kill()
+    with network_namespace() as net:  # the two nodes' loopback, of their own
+        nodes = []
+        for node in (0, 1):
+            command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
+                       "--nproc_per_node=1", "--master_addr=127.0.0.1", "--master_port=29400", "--log-dir=/dev/null",
+                       os.path.join(ROOT, "client.py"), "--data_root", synthetic_root, "--site", "site-1",
+                       "--sites", "site-1,site-2"]  # fmt: skip
+            if node == 1:  # this node sees its own copy at --data_root
+                command = ["unshare", "--mount", "sh", "-c", 'mount --bind "$0" "$1" && shift && exec "$@"',
+                           str(other), synthetic_root, *command]  # fmt: skip
+            nodes.append(subprocess.Popen([*net, *command], env=venv_env(), stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT, text=True))  # fmt: skip
+        try:
+            outputs = [node.communicate(timeout=120)[0] for node in nodes]
+        finally:
+            for node in nodes:
+                node.kill()
     host = socket.gethostname()
     for rank, (node, output) in enumerate(zip(nodes, outputs)):
         assert node.returncode != 0, output[-3000:]
