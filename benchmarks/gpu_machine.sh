@@ -3,8 +3,8 @@
 # tests/test_gpu.py running. For a machine that has torch but not nvflare: the wheels in .whl/ (NVFlare 2.9.0
 # and what it needs beyond torch) are installed first. Logs go to $OUT (default /tmp/gpu_machine).
 #   bash benchmarks/gpu_machine.sh [SECONDS]   SECONDS: how long the suite may take (default 420)
-# The suite runs as five pytest processes side by side, each in a network namespace of its own so that the
-# torchrun ports of one never meet another's; the POC tests share one, since they share /tmp/nvflare/poc.
+# The suite runs as five pytest processes side by side (a bare GPU machine may lack pytest-xdist), each in a network
+# namespace of its own; each real run inside them gets one of its own too (tests/conftest.py).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_machine}

@@ -1,7 +1,6 @@
 import contextlib
 import dataclasses
 import glob
-import itertools
 import os
 import shutil
 import signal
@@ -36,7 +35,11 @@ GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 NVFLARE = os.path.join(os.path.dirname(sys.executable), "nvflare")
 # Every real run gets a network of its own, a namespace with nothing but loopback: the ports it listens on (a fixed
 # --master_port, a POC's 8002 and 8003) never meet another test's, nor those of another copy of the suite.
-OWN_NETWORK = ["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$@"', "sh"]
+# LOOPBACK_UP raises loopback, which a new namespace starts without, and runs the rest of its command line (no `ip`
+# needed: a GPU machine may lack it).
+LOOPBACK_UP = [sys.executable, "-c", "import fcntl, os, socket, struct, sys; fcntl.ioctl(socket.socket(), 0x8914, "
+               "struct.pack('16sH', b'lo', 0x41)); os.execvp(sys.argv[1], sys.argv[1:])"]  # fmt: skip
+OWN_NETWORK = ["unshare", "--net", *LOOPBACK_UP]
 
 
 INJECT_FAULT = os.path.join(ROOT, "tests", "inject_fault")  # read its sitecustomize.py for DDP_EXAMPLE_FAULT
@@ -124,21 +127,18 @@ class Poc:
         return nvflare(*args, net=self.net, NVFLARE_POC_WORKSPACE=self.workspace, HOME=home, **kwargs)
 
 
-_namespaces = itertools.count()
-
-
 @contextlib.contextmanager
-def network_namespace():
-    """A named network namespace with nothing but loopback, for the several commands of one run (a POC and the CLI
-    calls to it); yields the prefix that runs a command in it."""
-    name = f"ddp-example-{os.getpid()}-{next(_namespaces)}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
+def network_namespace(folder):
+    """A network namespace with nothing but loopback, kept in folder/net for the several commands of one run (a POC
+    and the CLI calls to it, two jobs side by side); yields the prefix that runs a command in it."""
+    path = os.path.join(str(folder), "net")
+    open(path, "w").close()
+    subprocess.run(["unshare", f"--net={path}", "true"], check=True)
     try:
-        prefix = ["ip", "netns", "exec", name]
-        subprocess.run([*prefix, "ip", "link", "set", "lo", "up"], check=True)
-        yield prefix
+        subprocess.run(["nsenter", f"--net={path}", *LOOPBACK_UP, "true"], check=True)
+        yield ["nsenter", f"--net={path}"]
     finally:
-        subprocess.run(["ip", "netns", "delete", name], check=False)
+        subprocess.run(["umount", path], check=False)
 
 
 @contextlib.contextmanager
@@ -146,7 +146,7 @@ def poc_system(folder, env_of: dict[str, dict] | None = None):
     """A POC system of a server and site-1, site-2 in `folder`, started with the CLI as a user would: each
     participant with `nvflare poc start -p NAME` and its own environment (env_of[NAME], if any). Stopped and cleaned
     whatever happens; yields the Poc."""
-    with network_namespace() as net:
+    with network_namespace(folder) as net:
         poc = Poc(os.path.join(str(folder), "poc"), net)
         prepared = poc.nvflare("poc", "prepare", "-n", "2", "--force", cwd=folder, timeout=120)
         assert prepared.returncode == 0, prepared.stderr

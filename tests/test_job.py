@@ -461,7 +461,7 @@ def test_two_jobs_at_once_on_one_machine_need_no_port_flags(synthetic_root, tmp_
     # Each site's torchrun takes a free port at each launch: with a fixed one, the second job's sites would fail
     # at their rendezvous.
     workspaces = [str(tmp_path / "first"), str(tmp_path / "second")]
-    with network_namespace() as net:  # one network for both
+    with network_namespace(tmp_path) as net:  # one network for both
         jobs = [
             subprocess.Popen(
                 job_command(

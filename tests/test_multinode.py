@@ -236,7 +236,7 @@ def test_nodes_that_loaded_different_data_end_the_site_at_once_naming_what_diffe
     batch = read_pickle(path)
     batch["labels"][0] = (batch["labels"][0] + 1) % 10
     write_pickle(path, batch)
-    with network_namespace() as net:  # the two nodes' loopback, of their own
+    with network_namespace(tmp_path) as net:  # the two nodes' loopback, of their own
         nodes = []
         for node in (0, 1):
             command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
