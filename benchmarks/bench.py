@@ -388,7 +388,7 @@ def main() -> None:
         )
 
     if "4" in args.items:
-        setup = f"{seeds} seed(s), {args.n_clients} sites, {f'alpha {args.alpha}' if args.alpha else 'IID'}"
+        setup = f"{seeds} seed(s), {args.n_clients} site(s), {f'alpha {args.alpha}' if args.alpha else 'IID'}"
         rows.append(
             (
                 f"4 {args.baseline} settings vs defaults, {setup}, {rounds} rounds",

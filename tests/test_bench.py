@@ -12,17 +12,11 @@ import torch
 from conftest import OWN_NETWORK, ROOT, venv_env
 
 
-@pytest.mark.e2e  # it runs job.py 4 times, on the small set: the least that shows each item runs
+@pytest.mark.e2e  # it runs job.py 4 times, of 1 site on the small set: the least that shows each item runs
 def test_quick_bench_prints_every_item(small_root):
+    bench = os.path.join(ROOT, "benchmarks", "bench.py")
     result = subprocess.run(
-        [
-            *OWN_NETWORK,
-            sys.executable,
-            os.path.join(ROOT, "benchmarks", "bench.py"),
-            "--quick",
-            "--data_root",
-            small_root,
-        ],  # fmt: skip
+        [*OWN_NETWORK, sys.executable, bench, "--quick", "--n_clients", "1", "--data_root", small_root],
         cwd=ROOT,
         env=venv_env(),
         capture_output=True,
@@ -36,7 +30,7 @@ def test_quick_bench_prints_every_item(small_root):
     assert re.search(r"^2 DDP: .* \(gloo\) .* [\d.]+x the time$", out, re.M)
     assert re.search(r"^3 FL overhead per round .* [\d.]+ s +of [\d.]+ s$", out, re.M)
     assert re.search(r"^  slowest site's train\+eval: round 0 vs a later round +[\d.]+ s +vs [\d.]+ s$", out, re.M)
-    assert re.search(r"^4 original settings vs defaults, 1 seed\(s\), 2 sites, IID, 3 rounds$", out, re.M)
+    assert re.search(r"^4 original settings vs defaults, 1 seed\(s\), 1 site\(s\), IID, 3 rounds$", out, re.M)
     mean_range = r"0\.\d{3} \[0\.\d{3}-0\.\d{3}\]"
     assert re.search(rf"^  final model accuracy: mean \[min-max\] +{mean_range} +{mean_range}$", out, re.M)
     assert re.search(r"^  worst dip below the best so far, after round 2 +0\.\d{3} +0\.\d{3}$", out, re.M)

@@ -1,5 +1,5 @@
-"""Deployment: the exported job under the `nvflare simulator` CLI, and on a live POC system through
-`nvflare job submit`, `job.py --env prod` and `job.py --env poc`. Loopback only: each POC in a network and a
+"""Deployment: the exported job on a live POC system through `nvflare job submit`, `job.py --env prod` and
+`job.py --env poc` (under the simulator's CLI: test_your_own_trainer.py). Loopback only: each POC in a network and a
 workspace of its own. On the small synthetic set: what is tested is how the job runs, not what it learns."""
 
 import json
@@ -19,7 +19,6 @@ from conftest import (
     own_poc,
     poc_system,
     processes_left,
-    processes_of,
     run_job,
     venv_env,
     wait_for_log_lines,
@@ -58,21 +57,6 @@ def test_exported_job_has_no_path_of_this_machine(small_root, tmp_path):
                 text = f.read()
             for local in (ROOT, os.path.expanduser("~") + "/", sys.executable, os.getcwd()):
                 assert local not in text, (name, local)
-
-
-def test_exported_job_runs_under_the_race_free_simulator_cli(small_root, tmp_path):
-    # `nvflare simulator`'s arguments, with the start-up race forced: NVFlare's own CLI would hang here.
-    job_dir = export_job(small_root, tmp_path / "export")
-    workspace = str(tmp_path / "ws")
-    result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "local_run", "race_free_simulator.py"), job_dir, "-w", workspace,
-         "-n", "2", "-t", "2"],
-        env=venv_env(PYTHONPATH=os.path.join(ROOT, "tests", "force_race")),
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert_finished(os.path.join(workspace, "server", "simulate_job"), rounds=ROUNDS)
-    assert processes_of(workspace) == []
 
 
 # What a test of how job.py ends its POC needs of the job: one site of one rank.

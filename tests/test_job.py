@@ -54,14 +54,38 @@ def job_main(monkeypatch, capsys, *args, **env) -> tuple[int, str, str]:
 
 
 @pytest.fixture(scope="module")
-def default_run(synthetic_root, tmp_path_factory):
-    workspace = str(tmp_path_factory.mktemp("sim"))
+def default_runs(synthetic_root, tmp_path_factory) -> dict:
+    """Two jobs of the default settings at once, as a user may start them: in one network, with no port flag. One
+    reads the data at a plain path, the other a copy at a path with spaces, quotes and accents. Each: (the finished
+    process with its output, its workspace)."""
+    folder = tmp_path_factory.mktemp("sim")
+    spaced_root = folder / "my set's \u00fcber data"
+    shutil.copytree(synthetic_root, spaced_root)
     temp_before = set(glob.glob(os.path.join(tempfile.gettempdir(), "torchelastic_*")))
-    result = run_job(
-        "--num_rounds", "3", "--data_root", synthetic_root, "--workspace", workspace, "--master_port", "7810"
-    )
-    left_in_temp = set(glob.glob(os.path.join(tempfile.gettempdir(), "torchelastic_*"))) - temp_before
-    return result, workspace, left_in_temp
+    runs = {}
+    with network_namespace(folder) as net:
+        for name, root in (("plain", synthetic_root), ("spaced", str(spaced_root))):
+            workspace = str(folder / name)
+            command = job_command("--num_rounds", "3", "--data_root", root, "--workspace", workspace, net=net)
+            runs[name] = (subprocess.Popen(command, cwd=ROOT, env=venv_env(), stdout=subprocess.PIPE,
+                                           stderr=subprocess.PIPE, text=True), workspace)  # fmt: skip
+        try:
+            for name, (job, workspace) in runs.items():
+                stdout, stderr = job.communicate(timeout=600)
+                runs[name] = (subprocess.CompletedProcess(job.args, job.returncode, stdout, stderr), workspace)
+        finally:
+            for job, _ in runs.values():
+                if isinstance(job, subprocess.Popen):
+                    job.kill()
+    runs["left_in_temp"] = set(glob.glob(os.path.join(tempfile.gettempdir(), "torchelastic_*"))) - temp_before
+    return runs
+
+
+@pytest.fixture(scope="module")
+def default_run(default_runs) -> tuple:
+    """The job of the default settings at a plain path: (its finished process, its workspace, the torchrun folders
+    left in the temporary folder)."""
+    return *default_runs["plain"], default_runs["left_in_temp"]
 
 
 @pytest.mark.e2e
@@ -113,19 +137,23 @@ def per_round(workspace: str) -> list[tuple[float, float]]:
 
 @pytest.mark.e2e
 @pytest.mark.xdist_group("default_run")
-def test_the_same_seed_at_a_path_with_spaces_quotes_and_accents_reproduces_every_round(
-    default_run, synthetic_root, tmp_path
-):
+def test_the_same_seed_at_a_path_with_spaces_quotes_and_accents_reproduces_every_round(default_runs):
     # The same data at another path, which every rank must get as it is: the same seed, so the same run.
-    _, plain, _ = default_run
-    root = tmp_path / "my set's \u00fcber data"
-    shutil.copytree(synthetic_root, root)
-    workspace = str(tmp_path / "ws")
-    result = run_job(
-        "--num_rounds", "3", "--data_root", str(root), "--workspace", workspace, "--master_port", "7815"
-    )  # fmt: skip
+    (result, spaced), (_, plain) = default_runs["spaced"], default_runs["plain"]
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert per_round(workspace) == per_round(plain)
+    assert per_round(spaced) == per_round(plain)
+
+
+@pytest.mark.e2e
+@pytest.mark.xdist_group("default_run")
+def test_two_jobs_at_once_on_one_machine_need_no_port_flags(default_runs):
+    # Each site's torchrun takes a free port at each launch: with a fixed one, the second job's sites would fail
+    # at their rendezvous.
+    for name in ("plain", "spaced"):
+        result, workspace = default_runs[name]
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        assert_learns(round_metrics(workspace))
+        assert processes_of(workspace) == []
 
 
 @pytest.mark.e2e
@@ -454,44 +482,6 @@ def test_a_local_run_listens_on_loopback_only_but_for_torchruns_store(small_root
         ("::", 7875),
         ("::", 7876),
     }
-
-
-@pytest.mark.e2e
-def test_two_jobs_at_once_on_one_machine_need_no_port_flags(synthetic_root, tmp_path):
-    # Each site's torchrun takes a free port at each launch: with a fixed one, the second job's sites would fail
-    # at their rendezvous.
-    workspaces = [str(tmp_path / "first"), str(tmp_path / "second")]
-    with network_namespace(tmp_path) as net:  # one network for both
-        jobs = [
-            subprocess.Popen(
-                job_command(
-                    "--num_rounds",
-                    "3",
-                    "--nproc_per_node",
-                    "1",
-                    "--data_root",
-                    synthetic_root,
-                    "--workspace",
-                    workspace,
-                    net=net,
-                ),  # fmt: skip
-                cwd=ROOT,
-                env=venv_env(),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )  # fmt: skip
-            for workspace in workspaces
-        ]
-        try:
-            outputs = [job.communicate(timeout=600) for job in jobs]
-        finally:
-            for job in jobs:
-                job.kill()
-    for job, (stdout, stderr), workspace in zip(jobs, outputs, workspaces):
-        assert job.returncode == 0, stdout[-3000:] + stderr[-3000:]
-        assert_learns(round_metrics(workspace))
-        assert processes_of(workspace) == []
 
 
 def test_a_workspace_with_a_space_is_refused_for_the_simulator_in_one_line(tmp_path, monkeypatch, capsys):

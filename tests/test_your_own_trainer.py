@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import ROOT, assert_clean, assert_learns, processes_of, round_metrics, venv_env
-from job import JOB_NAME
+from job import JOB_NAME, load_global_model
 from local_run.results import metric, read_rounds
 
 DOC = os.path.join(ROOT, "docs", "your-own-model-and-data.md")
@@ -189,7 +189,8 @@ def test_job_py_exports_without_the_runner(tmp_path):
 
 
 @pytest.mark.e2e
-def test_the_job_exported_without_the_runner_runs(synthetic_root, tmp_path):
+def test_the_job_exported_without_the_runner_runs_under_the_race_free_simulator_cli(synthetic_root, tmp_path):
+    # `nvflare simulator`'s arguments, with the start-up race forced: NVFlare's own CLI would hang here.
     folder = tmp_path / "copied"
     folder.mkdir()
     copy_files(folder, ["job.py", *TRAINER_FILES])
@@ -201,10 +202,13 @@ def test_the_job_exported_without_the_runner_runs(synthetic_root, tmp_path):
     ran = subprocess.run(
         [sys.executable, os.path.join(ROOT, "local_run", "race_free_simulator.py"), str(tmp_path / "out" / JOB_NAME),
          "-w", workspace, "-n", "2", "-t", "2"],
-        env=venv_env(), capture_output=True, text=True, timeout=600,
+        env=venv_env(PYTHONPATH=os.path.join(ROOT, "tests", "force_race")), capture_output=True, text=True,
+        timeout=600,
     )  # fmt: skip
     assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
-    rounds = read_rounds(os.path.join(workspace, "server", "simulate_job"))
-    assert [len(r["sites"]) for r in rounds] == [2, 2, 2]
+    server_dir = os.path.join(workspace, "server", "simulate_job")
+    rounds = read_rounds(server_dir)
+    assert [sorted(s["name"] for s in r["sites"]) for r in rounds] == [["site-1", "site-2"]] * 3
     assert_learns(rounds)
+    load_global_model(os.path.join(server_dir, "app_server", "FL_global_model.pt"))
     assert processes_of(workspace) == []
