@@ -197,10 +197,11 @@ def test_a_signal_at_any_stage_of_env_poc_leaves_no_poc(call, signum, message, s
     args = ["--env", "poc", *ONE_SITE, "--num_rounds", "1", "--data_root", small_root, "--workspace",
             str(tmp_path / "ws")]  # fmt: skip
     command = job_command(*args)
-    python = command.index(sys.executable)
+    script = command.index(os.path.join(ROOT, "job.py"))  # python SIGNAL_AT_CALL CALL SIGNUM job.py ARGS
+    command[script:script] = ["-c", SIGNAL_AT_CALL, call, str(int(signum))]
     try:
         result = subprocess.run(
-            [*command[:python + 1], "-c", SIGNAL_AT_CALL, call, str(int(signum)), *command[python + 1:]],
+            command,
             cwd=ROOT, env=venv_env(**own_poc(tmp_path)), capture_output=True, text=True, timeout=600,
         )  # fmt: skip
     finally:
