@@ -40,6 +40,7 @@ NVFLARE = os.path.join(os.path.dirname(sys.executable), "nvflare")
 LOOPBACK_UP = [sys.executable, "-c", "import fcntl, os, socket, struct, sys; fcntl.ioctl(socket.socket(), 0x8914, "
                "struct.pack('16sH', b'lo', 0x41)); os.execvp(sys.argv[1], sys.argv[1:])"]  # fmt: skip
 OWN_NETWORK = ["unshare", "--net", *LOOPBACK_UP]
+POC_PROJECT = os.path.join("example_project", "prod_00")  # in a POC workspace: a folder per participant
 
 
 INJECT_FAULT = os.path.join(ROOT, "tests", "inject_fault")  # read its sitecustomize.py for DDP_EXAMPLE_FAULT
@@ -114,7 +115,7 @@ class Poc:
 
     @property
     def project(self) -> str:
-        return os.path.join(self.workspace, "example_project", "prod_00")  # a folder per participant
+        return os.path.join(self.workspace, POC_PROJECT)
 
     @property
     def kit(self) -> str:

@@ -13,6 +13,7 @@ import time
 import pytest
 
 from conftest import (
+    POC_PROJECT,
     ROOT,
     end_poc,
     job_command,
@@ -120,7 +121,7 @@ def test_sigterm_to_job_py_ends_its_poc_and_keeps_the_job(small_root, tmp_path):
         cwd=ROOT, env=venv_env(**own_poc(tmp_path)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        server_logs = os.path.join(poc, "example_project", "prod_00", "server", "*", "log.txt")
+        server_logs = os.path.join(poc, POC_PROJECT, "server", "*", "log.txt")
         wait_for_log_lines(server_logs, "Sending task train", 2, timeout=300)  # round 1 has started
         sent = time.monotonic()
         job.send_signal(signal.SIGTERM)
@@ -145,7 +146,7 @@ def test_sigkill_to_job_py_ends_its_poc(small_root, tmp_path):
         cwd=ROOT, env=venv_env(**own_poc(tmp_path)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        server_logs = os.path.join(poc, "example_project", "prod_00", "server", "*", "log.txt")
+        server_logs = os.path.join(poc, POC_PROJECT, "server", "*", "log.txt")
         wait_for_log_lines(server_logs, "Sending task train", 2, timeout=300)
         job.send_signal(signal.SIGKILL)
         job.wait(timeout=10)

@@ -35,7 +35,7 @@ from local_run.race_free_simulator import console_log
 from local_run.results import metric, read_final_scores
 from model import Net
 
-SITES = ["site-1", "site-2", "site-3"]
+THREE_SITES = ["site-1", "site-2", "site-3"]  # of three_sites_run
 
 
 def job_main(monkeypatch, capsys, *args, **env) -> tuple[int, str, str]:
@@ -202,7 +202,7 @@ def test_tracking_with_three_sites_logs_per_site_scalars(three_sites_run):
     assert all(len(r["sites"]) == 3 for r in round_metrics(workspace))
     shards = result.stdout.split("training shards: ")[1].splitlines()[0]
     assert sum(int(part.split()[1]) for part in shards.split(", ")) == 10_000
-    for site in SITES:
+    for site in THREE_SITES:
         events = EventAccumulator(os.path.join(workspace, JOB_NAME, "server", "simulate_job", "tb_events", site))
         events.Reload()
         for tag in ("train_loss", "global_accuracy", "local_accuracy"):
@@ -223,19 +223,19 @@ def test_cross_site_eval_scores_every_sites_model_and_the_global_ones_on_every_s
     path = os.path.join(server_dir, "cross_site_val", "cross_val_results.json")
     with open(path) as f:
         matrix = json.load(f)
-    models = [*SITES, "SRV_FL_global_model.pt", "SRV_best_FL_global_model.pt"]
-    assert sorted(matrix) == SITES  # every site scored ...
+    models = [*THREE_SITES, "SRV_FL_global_model.pt", "SRV_best_FL_global_model.pt"]
+    assert sorted(matrix) == THREE_SITES  # every site scored ...
     assert all(sorted(scores) == sorted(models) for scores in matrix.values())  # ... every model
     # Each site's own model is what it sent in the last round: its local accuracy then.
     last = {s["name"]: metric(s["metrics"], "local_accuracy") for s in round_metrics(workspace)[-1]["sites"]}
-    for site in SITES:
+    for site in THREE_SITES:
         assert matrix[site][site]["accuracy"] == pytest.approx(last[site], abs=1e-6)
     lines = result.stdout.splitlines()
     header = lines.index(f"cross-site evaluation, accuracy of each model (row) on each site's test set: {path}")
     rows = {
         line.split()[0]: [float(v) for v in line.split()[1:]] for line in lines[header + 2 : header + 2 + len(models)]
     }
-    assert rows == {m: [round(matrix[s][m]["accuracy"], 4) for s in SITES] for m in models}
+    assert rows == {m: [round(matrix[s][m]["accuracy"], 4) for s in THREE_SITES] for m in models}
 
 
 def test_empty_data_root_fails_fast_naming_prepare_data(tmp_path, monkeypatch, capsys):
