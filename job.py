@@ -11,6 +11,7 @@ import sys
 # Importing nvflare.recipe takes NVFlare's own --export / --export-dir out of sys.argv; note them first.
 NVFLARE_EXPORT = "--export" in sys.argv[1:]
 
+import nvflare
 import torch
 from nvflare.apis.job_def import JobMetaKey
 from nvflare.app_common.workflows.cross_site_model_eval import CrossSiteModelEval
@@ -26,7 +27,7 @@ from nvflare.recipe import (
 )
 
 from protocol import add_training_flags, positive_int, train_args
-from server_fedavg import DtypeKeepingFedAvg, LiveSitesEvaluation, TolerantFedAvg
+from server_fedavg import DtypeKeepingAggregator, LiveSitesEvaluation, TolerantFedAvg
 
 # What every site runs, and the model the server starts from. To federate your own model and data, change these
 # four (docs/your-own-model-and-data.md).
@@ -208,38 +209,32 @@ def site_command(
     return f"{pin}python3 -u -m torch.distributed.run {port} --nproc_per_node={nproc_per_node} --log-dir=/dev/null"
 
 
+# QuickFedAvgRecipe and build_recipe reach into NVFlare's FedAvg recipe where it has no public hook (the controller's
+# task_check_period and class, the final evaluation's class); main() refuses any other NVFlare version.
+NVFLARE_VERSION = "2.9"
+
+
 class QuickFedAvgRecipe(FedAvgRecipe):
-    """FedAvg whose global model keeps every tensor's dtype (DtypeKeepingFedAvg), and whose server notices finished
-    tasks within 0.1 s instead of NVFlare's default 0.5 s. With `tolerate_down_to` K below the number of sites, the
-    server runs TolerantFedAvg: failed sites drop out, down to K sites."""
+    """NVFlare's FedAvg recipe, whose server notices finished tasks within 0.1 s instead of 0.5 s. With
+    `tolerate_down_to` K below the number of sites, the controller is TolerantFedAvg: failed sites drop out, down to
+    K sites."""
 
     def __init__(self, *, tolerate_down_to: int, **kwargs):
         self.tolerate_down_to = tolerate_down_to  # read while the parent's __init__ creates the controller
         super().__init__(**kwargs)
 
-    def _get_controller_kwargs(self):
-        return {**super()._get_controller_kwargs(), "task_check_period": 0.1}
+    def _tolerant(self) -> bool:
+        return self.tolerate_down_to < self.min_clients
 
-    def _create_controller(self, persistor_id, model_params, model_aggregator):
-        # The arguments of NVFlare 2.9's FedAvgRecipe._create_controller, plus the floor.
-        tolerant = self.tolerate_down_to < self.min_clients
-        return (TolerantFedAvg if tolerant else DtypeKeepingFedAvg)(
-            **({"min_clients": self.tolerate_down_to} if tolerant else {}),
-            num_clients=self.min_clients,
-            num_rounds=self.num_rounds,
-            persistor_id=persistor_id,
-            model=model_params,
-            save_filename=self.save_filename,
-            aggregator=model_aggregator,
-            stop_cond=self.stop_cond,
-            patience=self.patience,
-            task_name="train",
-            exclude_vars=self.exclude_vars,
-            aggregation_weights=self.aggregation_weights,
-            memory_gc_rounds=self.server_memory_gc_rounds,
-            enable_tensor_disk_offload=self.enable_tensor_disk_offload,
-            **self._get_controller_kwargs(),
-        )
+    def _get_controller_kwargs(self):
+        # ignore_result_error: a tolerant round drops a failed result instead of ending the job.
+        return {**super()._get_controller_kwargs(), "task_check_period": 0.1, "ignore_result_error": self._tolerant()}
+
+    def _create_controller(self, *args, **kwargs):
+        controller = super()._create_controller(*args, **kwargs)
+        if self._tolerant():
+            TolerantFedAvg.tolerate(controller, self.tolerate_down_to)
+        return controller
 
 
 def build_recipe(args: argparse.Namespace, gpu_blocks: list[list[str]] | None = None):
@@ -255,6 +250,7 @@ def build_recipe(args: argparse.Namespace, gpu_blocks: list[list[str]] | None = 
         num_rounds=args.num_rounds,
         train_script=os.path.join(HERE, TRAIN_SCRIPT),
         server_expected_format=ExchangeFormat.PYTORCH if args.exchange_format == "pytorch" else ExchangeFormat.NUMPY,
+        aggregator=DtypeKeepingAggregator(),  # the global model keeps every tensor's dtype
         launch_external_process=True,
         # Lets torchrun finish on its own at the end instead of being killed mid-shutdown.
         shutdown_timeout=30.0,
@@ -329,6 +325,13 @@ def load_global_model(path: str, model: torch.nn.Module | None = None) -> torch.
 
 def main() -> int:
     args = parse_args()
+    if nvflare.__version__.split(".")[:2] != NVFLARE_VERSION.split("."):
+        print(
+            f"ERROR: job.py is built on NVFlare {NVFLARE_VERSION}'s FedAvg recipe, and nvflare {nvflare.__version__} "
+            f"is installed; install nvflare~={NVFLARE_VERSION}.0 (requirements.txt)",
+            file=sys.stderr,
+        )
+        return 2
     if args.initial_model:
         try:
             load_global_model(args.initial_model)

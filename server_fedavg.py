@@ -2,9 +2,16 @@
 number of sites, FedAvg that goes on without a site whose training failed, as long as at least K sites send a
 result in every round, and a final evaluation on the sites that are left."""
 
+import math
+
 import numpy as np
 import torch
+from nvflare.apis.fl_constant import FLMetaKey
 from nvflare.apis.shareable import ReturnCode
+from nvflare.app_common.abstract.fl_model import FLModel
+from nvflare.app_common.aggregators.model_aggregator import ModelAggregator
+from nvflare.app_common.app_constant import AppConstants
+from nvflare.app_common.workflows.base_fedavg import make_fedavg_metrics_aggregation_info
 from nvflare.app_common.workflows.cross_site_model_eval import CrossSiteModelEval
 from nvflare.app_common.workflows.fedavg import FedAvg
 
@@ -12,47 +19,80 @@ from nvflare.app_common.workflows.fedavg import FedAvg
 DROPPED_SITES = "ddp_example_dropped_sites"
 
 
-class DtypeKeepingFedAvg(FedAvg):
-    """NVFlare 2.9's FedAvg, whose global model keeps the dtype of every tensor the sites send.
+class DtypeKeepingAggregator(ModelAggregator):
+    """FedAvg's weighted average of the sites' weights and metrics, each tensor kept in its dtype, summed in place.
 
-    NVFlare's own averages each tensor in its dtype: bf16 and fp16 weights are rounded twice (when weighted, when
-    divided), and an integer buffer (BatchNorm's num_batches_tracked) comes back as a float. Here each tensor is
-    averaged in float64 and cast back, integers rounded: with one site, the global model is exactly what it sent."""
+    NVFlare's own average rounds bf16 and fp16 weights twice (when weighted, when divided) and turns an integer buffer
+    (BatchNorm's num_batches_tracked) into a float. Here each tensor is summed in float32 (float64 for float64 and
+    integer tensors, which are exact there up to 2**53) and cast back at the end, integers rounded. Weights are taken
+    relative to the first site's, so with one site the global model is exactly what it sent.
 
-    def _aggregate_one_result(self, result) -> bool:
-        if result.params:
-            self._dtypes = {name: value.dtype for name, value in result.params.items()}
-            result.params = {name: _widen(value) for name, value in result.params.items()}
-        return super()._aggregate_one_result(result)
+    Memory: one running sum the size of the model in float32, plus the one result being added, which is let go
+    tensor by tensor as it is summed (and, with NVFlare's disk offload, read from disk one tensor at a time)."""
 
-    def _get_aggregated_result(self):
-        aggregated = super()._get_aggregated_result()
-        if aggregated.params and hasattr(self, "_dtypes"):
-            aggregated.params = {
-                name: _narrow(value, self._dtypes[name]) if name in self._dtypes else value
-                for name, value in aggregated.params.items()
-            }
-        return aggregated
+    def __init__(self):
+        super().__init__()
+        self.reset_stats()
+
+    def reset_stats(self):
+        self._sums, self._kinds = {}, {}  # name: running sum; name: (dtype, whether it came as a NumPy array)
+        self._metrics, self._sites = {}, []  # metric: running weighted sum; the round's sites and their weights
+        self._first_weight, self._total, self._params_type = None, 0.0, None
+
+    def accept_model(self, model: FLModel):
+        weight = _weight(model)
+        self._first_weight = self._first_weight or weight
+        factor = weight / self._first_weight  # 1.0 for the first site: its tensors are summed without rounding
+        self._total += factor
+        self._params_type = self._params_type or model.params_type
+        name = (model.meta or {}).get("client_name", "unknown")
+        self._sites.append({"name": name, "weight": weight, "weight_key": FLMetaKey.NUM_STEPS_CURRENT_ROUND})
+        for key in list(model.params or {}):
+            value = model.params.pop(key)  # let the received copy go as soon as it is summed
+            if callable(getattr(value, "materialize", None)):  # NVFlare's disk offload: the tensor is read here
+                value = value.materialize()
+            is_numpy = isinstance(value, np.ndarray)
+            tensor = torch.from_numpy(value) if is_numpy else value
+            if key not in self._sums:
+                self._kinds[key] = (tensor.dtype, is_numpy)
+                wide = torch.float32 if tensor.is_floating_point() and tensor.element_size() <= 4 else torch.float64
+                self._sums[key] = tensor.to(wide, copy=tensor.dtype != wide or is_numpy).mul_(factor)
+            else:
+                self._sums[key].add_(tensor, alpha=factor)
+        for key, value in (model.metrics or {}).items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self._metrics[key] = self._metrics.get(key, 0.0) + factor * value
+
+    def aggregate_model(self) -> FLModel:
+        params = {}
+        for key in list(self._sums):
+            mean = self._sums.pop(key).div_(self._total)
+            dtype, is_numpy = self._kinds[key]
+            if not (dtype.is_floating_point or dtype.is_complex):
+                mean.round_()
+            params[key] = mean.to(dtype).numpy() if is_numpy else mean.to(dtype)
+        metrics = {key: value / self._total for key, value in self._metrics.items()} or None
+        info = make_fedavg_metrics_aggregation_info(site_weights=self._sites)
+        result = FLModel(
+            params=params, params_type=self._params_type, metrics=metrics,
+            meta={AppConstants.METRICS_AGGREGATION_INFO: info},
+        )  # fmt: skip
+        self.reset_stats()
+        return result
 
 
-def _widen(value):
-    if isinstance(value, torch.Tensor):
-        return value.to(torch.float64)
-    if isinstance(value, np.ndarray):
-        return value.astype(np.float64)
-    return value
+def _weight(model: FLModel) -> float:
+    """What FedAvg weighs a site's result by: the NUM_STEPS_CURRENT_ROUND it sent, or 1."""
+    value = (model.meta or {}).get(FLMetaKey.NUM_STEPS_CURRENT_ROUND)
+    try:
+        weight = float(value)
+    except (TypeError, ValueError):
+        return 1.0
+    return weight if math.isfinite(weight) and weight > 0 else 1.0
 
 
-def _narrow(value, dtype):
-    if isinstance(value, torch.Tensor):
-        return (value.round() if not (dtype.is_floating_point or dtype.is_complex) else value).to(dtype)
-    if isinstance(value, np.ndarray):
-        return (np.rint(value) if np.issubdtype(dtype, np.integer) else value).astype(dtype)
-    return value
-
-
-class TolerantFedAvg(DtypeKeepingFedAvg):
-    """DtypeKeepingFedAvg, with two changes:
+class TolerantFedAvg(FedAvg):
+    """NVFlare's FedAvg, with two changes:
     - a site whose `train` task fails (its trainer died or raised) drops out: it gets no further task, and the
       round averages the results of the others;
     - a round that ends with fewer than `min_clients` results fails the job, as FedAvg does for any failure.
@@ -60,11 +100,14 @@ class TolerantFedAvg(DtypeKeepingFedAvg):
     A site that fails before its trainer's handshake ends its own run without telling the server, so job.py's
     watchdog still ends the job then (docs/failures.md)."""
 
-    def __init__(self, *args, min_clients: int, ignore_result_error: bool = True, **kwargs):
-        # ignore_result_error: a failed result is dropped here instead of ending the job (see below).
-        super().__init__(*args, ignore_result_error=ignore_result_error, **kwargs)
-        self.min_clients = min_clients
-        self.dropped: set[str] = set()  # sites whose task failed; the summary reads the round from the metrics
+    min_clients: int
+    dropped: set[str]  # sites whose task failed; the summary reads the round from the metrics
+
+    @classmethod
+    def tolerate(cls, controller: FedAvg, min_clients: int) -> None:
+        """Make NVFlare's FedAvg controller, built with ignore_result_error=True, this one."""
+        controller.__class__ = cls
+        controller.min_clients, controller.dropped = min_clients, set()
 
     def sample_clients(self, num_clients: int | None = None) -> list[str]:
         return [site for site in super().sample_clients() if site not in self.dropped]

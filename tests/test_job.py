@@ -495,3 +495,14 @@ def test_a_workspace_with_a_space_is_refused_for_the_simulator_in_one_line(tmp_p
     assert code == 2
     assert f"--workspace '{tmp_path / 'a b' / 'x'}' holds a space, which NVFlare's simulator cannot run in" in err
     assert "Traceback" not in err and not (tmp_path / "a b").exists()
+
+
+def test_another_nvflare_version_is_refused_in_one_line_naming_both(tmp_path, monkeypatch, capsys):
+    import nvflare
+
+    monkeypatch.setattr(nvflare, "__version__", "2.10.1")
+    monkeypatch.setattr(sys, "argv", ["job.py", "--export_config", str(tmp_path)])
+    assert job.main() == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "NVFlare 2.9" in err and "nvflare 2.10.1 is installed" in err
+    assert not os.listdir(tmp_path)  # nothing was built
