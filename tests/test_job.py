@@ -500,6 +500,8 @@ def test_a_workspace_with_a_space_is_refused_for_the_simulator_in_one_line(tmp_p
 def test_another_nvflare_version_is_refused_in_one_line_naming_both(tmp_path, monkeypatch, capsys):
     import nvflare
 
+    import job
+
     monkeypatch.setattr(nvflare, "__version__", "2.10.1")
     monkeypatch.setattr(sys, "argv", ["job.py", "--export_config", str(tmp_path)])
     assert job.main() == 2
