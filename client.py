@@ -1,5 +1,6 @@
 """The trainer of one site: torch.distributed.run starts one copy per rank, and the ranks train `Net`
-together with DistributedDataParallel. Rank 0 talks to the NVFlare server; the others follow it."""
+together with DistributedDataParallel (or, with --fsdp, sharded with FSDP2). Rank 0 talks to the NVFlare server;
+the others follow it."""
 
 import argparse
 import hashlib
@@ -13,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from nvflare.client.tracking import SummaryWriter
+from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import flare_ddp
@@ -94,8 +96,12 @@ def run_site(args, device: torch.device) -> None:
         )
     # Before the handshake: DDP's first collective must not wait on rank 0's handshake.
     model = Net().to(device)
-    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    warm_up(ddp, train_x, train_y, test_x, test_y, args)
+    # What trains: DDP's wrapper, or the model itself once fully_shard has sharded it in place.
+    trainer = sharded(model) if args.fsdp else DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.fsdp and rank == 0:
+        mine, total = (sum(f(p) for p in model.parameters()) for f in (lambda p: p.to_local().numel(), torch.numel))
+        say(f"{args.site}: FSDP2 shards the model: rank 0 holds {mine} of its {total} parameters")
+    warm_up(trainer, model, train_x, train_y, test_x, test_y, args)
 
     # (1) init: only global rank 0 talks to the server. The other ranks, on this node or on other nodes of the
     # site, never touch NVFlare: flare_ddp hands them every task from rank 0.
@@ -114,9 +120,9 @@ def run_site(args, device: torch.device) -> None:
         if task.kind == flare_ddp.VALIDATE:  # the final global model, or another site's: score it, train nothing
             task.send(metrics={"accuracy": global_accuracy})
             continue
-        # (4) train locally with DDP, each rank on its part of every site batch.
+        # (4) train locally with DDP (or FSDP), each rank on its part of every site batch.
         train_loss = train(
-            ddp,
+            trainer,
             train_x,
             train_y,
             epochs=args.epochs,
@@ -155,6 +161,15 @@ def run_site(args, device: torch.device) -> None:
             },
             weight=args.epochs * len(shard),
         )
+
+
+def sharded(model: torch.nn.Module) -> torch.nn.Module:
+    """FSDP2: each layer that has weights, then the root, sharded in place over the site's ranks. Returns `model`,
+    which is now what trains and what flare_ddp loads into and sends from."""
+    for layer in model.children():
+        if any(True for _ in layer.parameters()):
+            fully_shard(layer)
+    return fully_shard(model)
 
 
 def choose_backend(gpus: int, local_rank: int, local_world_size: int) -> tuple[str, torch.device, str | None]:
@@ -209,13 +224,15 @@ def describe(device: torch.device) -> str:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, chunk: int = 2000) -> float:
-    """Accuracy over the whole test set; each rank scores its own slice, then the counts are summed."""
+    """Accuracy over the whole test set; each rank scores its own slice, then the counts are summed. Every rank
+    runs the same number of forward passes (the last may be empty): under FSDP each one is a collective."""
     model.eval()
     rank, world = dist.get_rank(), dist.get_world_size()
     mine_x, mine_y = images[rank::world], labels[rank::world]
+    longest = -(-len(labels) // world)  # rank 0's slice
     correct = sum(
         int((model(normalize(mine_x[i : i + chunk])).argmax(1) == mine_y[i : i + chunk]).sum())
-        for i in range(0, len(mine_y), chunk)
+        for i in range(0, longest, chunk)
     )
     counts = torch.tensor([correct, len(mine_y)], dtype=torch.float64, device=images.device)
     dist.all_reduce(counts)
@@ -223,7 +240,7 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
 
 
 def train(
-    ddp: DDP,
+    trainer: torch.nn.Module,
     images: torch.Tensor,
     labels: torch.Tensor,
     *,
@@ -237,15 +254,16 @@ def train(
     augment: bool,
 ) -> float:
     """Local epochs on this site's shard, in site batches of batch_size split over the ranks; returns the mean
-    training loss over the samples.
+    training loss over the samples. trainer: the DDP wrapper, or the model sharded with FSDP2; both average the
+    ranks' gradients.
 
     Each rank's loss is summed over its part of the batch and scaled by world / len(batch): DDP's average of the
     ranks' gradients is then the gradient of the mean loss over the whole site batch, however the batch splits.
     So the site trains the same model on any number of ranks; only the speed changes. The gradient is clipped
     after DDP has averaged it, so every rank clips the same gradient the same way. augment: each sample randomly
     cropped and flipped, drawn from the seed and the epoch (data.epoch_augmentation)."""
-    ddp.train()
-    optimizer = torch.optim.SGD(ddp.parameters(), lr=lr, momentum=momentum)
+    trainer.train()
+    optimizer = torch.optim.SGD(trainer.parameters(), lr=lr, momentum=momentum)
     rank, world = dist.get_rank(), dist.get_world_size()
     loss_sum = torch.zeros((), device=images.device)
     for epoch in range(first_epoch, first_epoch + epochs):
@@ -255,11 +273,11 @@ def train(
             x = normalize(images[idx])
             if augment:
                 x = crop_and_flip(x, offsets[idx], flips[idx])
-            summed = F.cross_entropy(ddp(x), labels[idx], reduction="sum")
+            summed = F.cross_entropy(trainer(x), labels[idx], reduction="sum")
             optimizer.zero_grad(set_to_none=True)
             (summed * (world / len(batch))).backward()
             if max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(ddp.parameters(), max_grad_norm)
+                torch.nn.utils.clip_grad_norm_(trainer.parameters(), max_grad_norm)
             optimizer.step()
             loss_sum += summed.detach()
     dist.all_reduce(loss_sum)
@@ -274,20 +292,20 @@ def round_lr(lr: float, current_round: int, warmup_rounds: int) -> float:
     return lr * min(1.0, (current_round + 1) / warmup_rounds)
 
 
-def warm_up(ddp: DDP, train_x, train_y, test_x, test_y, args) -> None:
+def warm_up(trainer: torch.nn.Module, model: torch.nn.Module, train_x, train_y, test_x, test_y, args) -> None:
     """One training step and one evaluation before the first task, so that what a first step costs (CUDA's
     context and kernels, DDP's first all-reduce and bucket rebuild) is paid during start-up, not in round 0.
     The weights are put back as they were; the server's replace them at the first task anyway."""
-    saved = {name: tensor.clone() for name, tensor in ddp.module.state_dict().items()}
+    saved = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     one_batch = args.batch_size  # one site batch, split over the ranks as in training
     train(
-        ddp, train_x[:one_batch], train_y[:one_batch], epochs=1, batch_size=args.batch_size, lr=args.lr,
+        trainer, train_x[:one_batch], train_y[:one_batch], epochs=1, batch_size=args.batch_size, lr=args.lr,
         momentum=args.momentum, max_grad_norm=args.max_grad_norm, seed=args.seed, first_epoch=0,
         augment=not args.no_augment,
     )  # fmt: skip
-    evaluate(ddp.module, test_x[:one_batch], test_y[:one_batch])
-    ddp.module.load_state_dict(saved)
-    ddp.module.zero_grad(set_to_none=True)
+    evaluate(model, test_x[:one_batch], test_y[:one_batch])
+    model.load_state_dict(saved)
+    model.zero_grad(set_to_none=True)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""Federate a PyTorch DistributedDataParallel training loop with NVFlare: global rank 0 talks to the NVFlare
-server, and every rank gets the task, the round and the global weights. It imports only torch and nvflare.
+"""Federate a PyTorch DistributedDataParallel (or FSDP2, fully_shard) training loop with NVFlare: global rank 0 talks
+to the NVFlare server, and every rank gets the task, the round and the global weights. It imports only torch and
+nvflare.
 
 In the script that torchrun starts on each site, after `dist.init_process_group(...)`:
 
@@ -19,19 +20,25 @@ In the script that torchrun starts on each site, after `dist.init_process_group(
 
 Every rank runs every line: `task.send` does its work on rank 0 and nothing elsewhere, so the loop needs no
 `if rank == 0`. The loop ends when the server ends the job. Every task must be answered with one `send`.
+With FSDP2, `model` is the module sharded in place by `fully_shard`, and the loop is the same.
 
-How it works: rank 0 calls `flare.receive()` and loads the weights into `model`; then it broadcasts the task's
-kind and round to every rank over a gloo group that waits as long as the server takes, and the weights over the
-default (training) group, NCCL or gloo, so every rank starts the task from the same weights. This is what
-NVFlare's Lightning bridge (nvflare/app_opt/lightning/api.py) does for Lightning."""
+How it works: rank 0 calls `flare.receive()`; then it broadcasts the task's kind and round to every rank over a
+gloo group that waits as long as the server takes, and the weights over the default (training) group, NCCL or gloo,
+so every rank starts the task from the same weights. This is what NVFlare's Lightning bridge
+(nvflare/app_opt/lightning/api.py) does for Lightning. A sharded model takes the weights through torch's
+`set_model_state_dict(..., broadcast_from_rank0=True)`, each rank keeping its shard, and its `send` gathers the full
+weights onto rank 0's CPU with `get_model_state_dict(..., full_state_dict=True, cpu_offload=True)`: a collective,
+which is why every rank calls `send`."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import nvflare.client as flare
 import torch
 import torch.distributed as dist
 from nvflare.apis.fl_constant import FLMetaKey
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+from torch.distributed.tensor import DTensor
 
 # The kinds of task NVFlare's PyTorch recipes send a trainer.
 TRAIN = "train"  # FedAvg's round: train from the global weights, send the new weights
@@ -53,16 +60,21 @@ class Task:
     round: int  # FedAvg's round (0 for tasks outside the rounds)
     total_rounds: int  # FedAvg's number of rounds (0 where the server did not say)
     answered: bool = False
+    model: torch.nn.Module | None = field(default=None, repr=False)  # the model given to tasks()
 
     def send(self, params: dict | None = None, metrics: dict | None = None, weight: float | None = None) -> None:
         """Answer the task; on ranks other than 0 this only marks it answered.
 
         params: a state dict (moved to the CPU before sending); metrics: numbers by name; weight: how much FedAvg
         counts this site's update against the others' (for example the samples it trained; NVFlare's
-        NUM_STEPS_CURRENT_ROUND)."""
+        NUM_STEPS_CURRENT_ROUND). For a model sharded with fully_shard, `params` is its state_dict() (or part of
+        it): every rank takes part in gathering the full weights, which only rank 0 holds, on the CPU, and sends."""
         if self.answered:
             raise RuntimeError(f"the {self.kind} task of round {self.round} was answered already")
         self.answered = True
+        if params is not None and any(isinstance(t, DTensor) for t in params.values()):
+            full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            params = {name: full[name] for name in params} if dist.get_rank() == 0 else None
         if dist.get_rank() != 0:
             return
         meta = {} if weight is None else {FLMetaKey.NUM_STEPS_CURRENT_ROUND: weight}
@@ -80,31 +92,45 @@ def init() -> None:
 
 def tasks(model: torch.nn.Module):
     """The server's tasks, one at a time, on every rank, until the job ends. For TRAIN and VALIDATE the task's
-    weights are in `model` on every rank when the task is handed out; for SUBMIT_MODEL the model is left as it is."""
+    weights are in `model` on every rank when the task is handed out; for SUBMIT_MODEL the model is left as it is.
+    `model` is the plain module under DDP, or the root module sharded with fully_shard (FSDP2)."""
     if _control is None:
         raise RuntimeError("call flare_ddp.init() on every rank before flare_ddp.tasks()")
     task = None
     while True:
         if task is not None and not task.answered:
             raise RuntimeError(f"the {task.kind} task of round {task.round} got no answer: call task.send() once")
-        header = torch.tensor(_receive(model) if dist.get_rank() == 0 else [0, 0, 0, 0])
+        header, weights = _receive() if dist.get_rank() == 0 else ([0, 0, 0, 0], None)
+        header = torch.tensor(header)
         dist.broadcast(header, src=0, group=_control)
         code, current_round, total_rounds, loaded = header.tolist()
         if code == 0:
             return
         if loaded:
-            for tensor in model.state_dict().values():
-                dist.broadcast(tensor, src=0)
-        task = Task(_KINDS[code], current_round, total_rounds)
+            _load(model, weights)
+        weights = None  # the received copy goes as soon as it is in the model
+        task = Task(_KINDS[code], current_round, total_rounds, model=model)
         yield task
 
 
-def _receive(model: torch.nn.Module) -> list[int]:
-    """On rank 0: the next task from the server, its weights loaded into `model`: [kind code, round, rounds,
-    whether weights were loaded]."""
+def _load(model: torch.nn.Module, weights: dict | None) -> None:
+    """Every rank: rank 0's received weights (None elsewhere) into `model` on every rank."""
+    if any(isinstance(p, DTensor) for p in model.parameters()):  # sharded: each rank takes its shard of rank 0's
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_model_state_dict(model, weights if dist.get_rank() == 0 else {}, options=options)
+        return
+    if dist.get_rank() == 0:
+        model.load_state_dict(weights)
+    for tensor in model.state_dict().values():
+        dist.broadcast(tensor, src=0)
+
+
+def _receive() -> tuple[list[int], dict | None]:
+    """On rank 0: the next task from the server as [kind code, round, rounds, whether it brings weights], and its
+    weights."""
     received = flare.receive() if flare.is_running() else None
     if received is None:
-        return [0, 0, 0, 0]
+        return [0, 0, 0, 0], None
     if flare.is_submit_model():
         kind = SUBMIT_MODEL
     elif flare.is_evaluate():
@@ -114,8 +140,7 @@ def _receive(model: torch.nn.Module) -> list[int]:
     else:
         raise RuntimeError("the server sent a task that is not train, validate or submit_model")
     loaded = kind != SUBMIT_MODEL
-    if loaded:
-        if received.params is None:
-            raise RuntimeError(f"the server sent a {kind} task without weights")
-        model.load_state_dict(received.params)
-    return [_KINDS.index(kind), received.current_round or 0, received.total_rounds or 0, int(loaded)]
+    if loaded and received.params is None:
+        raise RuntimeError(f"the server sent a {kind} task without weights")
+    header = [_KINDS.index(kind), received.current_round or 0, received.total_rounds or 0, int(loaded)]
+    return header, received.params if loaded else None

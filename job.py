@@ -227,8 +227,10 @@ class QuickFedAvgRecipe(FedAvgRecipe):
         return self.tolerate_down_to < self.min_clients
 
     def _get_controller_kwargs(self):
-        # ignore_result_error: a tolerant round drops a failed result instead of ending the job.
-        return {**super()._get_controller_kwargs(), "task_check_period": 0.1, "ignore_result_error": self._tolerant()}
+        kwargs = {**super()._get_controller_kwargs(), "task_check_period": 0.1}
+        if self._tolerant():  # a failed result is dropped instead of ending the job
+            kwargs["ignore_result_error"] = True
+        return kwargs
 
     def _create_controller(self, *args, **kwargs):
         controller = super()._create_controller(*args, **kwargs)

@@ -75,6 +75,11 @@ TRAINING_FLAGS = {
         "default": 0,
         "help": "seed of the initial global model, the shard split and the shuffles",
     },
+    "fsdp": {
+        "action": "store_true",
+        "help": "shard the model over each site's ranks with FSDP2 (fully_shard), each rank holding a part of the "
+        "weights, gradients and optimizer state, instead of a whole copy on every rank (DDP)",
+    },
     "use_tracking": {"action": "store_true", "help": "log each site's metrics to TensorBoard"},
     "stall_timeout": {
         "type": positive_float,

@@ -73,6 +73,7 @@ class DtypeKeepingAggregator(ModelAggregator):
             params[key] = mean.to(dtype).numpy() if is_numpy else mean.to(dtype)
         metrics = {key: value / self._total for key, value in self._metrics.items()} or None
         info = make_fedavg_metrics_aggregation_info(site_weights=self._sites)
+        info["use_contribution_sites"] = True  # round_metrics.jsonl lists each site's own metrics
         result = FLModel(
             params=params, params_type=self._params_type, metrics=metrics,
             meta={AppConstants.METRICS_AGGREGATION_INFO: info},
@@ -100,14 +101,17 @@ class TolerantFedAvg(FedAvg):
     A site that fails before its trainer's handshake ends its own run without telling the server, so job.py's
     watchdog still ends the job then (docs/failures.md)."""
 
-    min_clients: int
-    dropped: set[str]  # sites whose task failed; the summary reads the round from the metrics
+    def __init__(self, *args, min_clients: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.min_clients = min_clients
+        self.dropped: set[str] = set()  # sites whose task failed; the summary reads the round from the metrics
 
     @classmethod
     def tolerate(cls, controller: FedAvg, min_clients: int) -> None:
-        """Make NVFlare's FedAvg controller, built with ignore_result_error=True, this one."""
+        """Make NVFlare's FedAvg controller, built with ignore_result_error=True, this one: the job's config then
+        names this class and min_clients, with the controller's other arguments as NVFlare's recipe set them."""
         controller.__class__ = cls
-        controller.min_clients, controller.dropped = min_clients, set()
+        controller.min_clients = min_clients
 
     def sample_clients(self, num_clients: int | None = None) -> list[str]:
         return [site for site in super().sample_clients() if site not in self.dropped]

@@ -4,8 +4,8 @@ With this folder on PYTHONPATH (conftest.venv_env puts it there whenever a test 
 that runs client.py imports it as a module, wraps its warm_up and flare_ddp.tasks, and then runs its main().
 
 DDP_EXAMPLE_FAULT=SITE:RANK:PHASE:KIND, several comma-separated. That rank fails when it reaches PHASE: `start` (after
-its warm-up, before the handshake), a round number (when that round's task arrives), or `eval` (the final
-evaluation). KIND: kill (SIGKILL the rank), raise (an exception), stop (SIGSTOP the rank: it hangs) or kill_torchrun
+its warm-up, before the handshake), a round number (when that round's task arrives), `send` (when round 1's
+result is sent: under FSDP, as the full weights are gathered), or `eval` (the final evaluation). KIND: kill (SIGKILL the rank), raise (an exception), stop (SIGSTOP the rank: it hangs) or kill_torchrun
 (SIGKILL the site's torchrun)."""
 
 import os
@@ -38,7 +38,7 @@ def run_client_with_faults() -> None:
     import client
 
     site = client.parse_args(sys.argv[1:]).site
-    warm_up, tasks = client.warm_up, client.flare_ddp.tasks
+    warm_up, tasks, send = client.warm_up, client.flare_ddp.tasks, client.flare_ddp.Task.send
 
     def warm_up_then_fail(*args, **kwargs):
         warm_up(*args, **kwargs)
@@ -50,7 +50,16 @@ def run_client_with_faults() -> None:
                 inject(site, dist.get_rank(), "eval" if task.kind == client.flare_ddp.VALIDATE else str(task.round))
             yield task
 
-    client.warm_up, client.flare_ddp.tasks = warm_up_then_fail, tasks_then_fail
+    def fail_then_send(task, *args, **kwargs):
+        if task.kind == client.flare_ddp.TRAIN and task.round == 1:
+            inject(site, dist.get_rank(), "send")
+        send(task, *args, **kwargs)
+
+    client.warm_up, client.flare_ddp.tasks, client.flare_ddp.Task.send = (
+        warm_up_then_fail,
+        tasks_then_fail,
+        fail_then_send,
+    )
     client.main()
 
 
