@@ -1,12 +1,13 @@
 """For tests: makes a rank of the trainer fail on cue, from outside client.py (the shipped trainer reads no switch).
 
 With this folder on PYTHONPATH (conftest.venv_env puts it there whenever a test sets DDP_EXAMPLE_FAULT), a process
-that runs client.py imports it as a module, wraps its warm_up and flare_ddp.tasks, and then runs its main().
+that runs client.py imports it as a module, wraps its warm_up, flare_ddp.tasks and Task.send, and then runs its main().
 
 DDP_EXAMPLE_FAULT=SITE:RANK:PHASE:KIND, several comma-separated. That rank fails when it reaches PHASE: `start` (after
-its warm-up, before the handshake), a round number (when that round's task arrives), `send` (when round 1's
-result is sent: under FSDP, as the full weights are gathered), or `eval` (the final evaluation). KIND: kill (SIGKILL the rank), raise (an exception), stop (SIGSTOP the rank: it hangs) or kill_torchrun
-(SIGKILL the site's torchrun)."""
+its warm-up, before the handshake), a round number (when that round's task arrives), `send` (as round 1's result is
+sent: under FSDP, while the other ranks gather the full weights), or `eval` (the final evaluation). KIND: kill
+(SIGKILL the rank), raise (an exception), stop (SIGSTOP the rank: it hangs) or kill_torchrun (SIGKILL the site's
+torchrun)."""
 
 import os
 import signal
