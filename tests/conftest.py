@@ -14,6 +14,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from data import load_cifar10, normalize  # noqa: E402
 from job import JOB_NAME  # noqa: E402
 from local_run.results import log_times, metric, read_rounds  # noqa: E402
 from protocol import TRAINING_FLAGS  # noqa: E402
@@ -78,6 +79,25 @@ def run_job(*args, timeout=600, gpus=False, net=None, **env) -> subprocess.Compl
         text=True,
         timeout=timeout,
     )
+
+
+def jobs_at_once(folder, jobs: dict[str, list[str]], timeout=600) -> dict[str, subprocess.CompletedProcess]:
+    """The real `python job.py ARGS` for each name's ARGS, all started at once in one network of their own, as a
+    user may start them side by side: each name's finished process."""
+    running = {}
+    with network_namespace(folder) as net:
+        try:
+            for name, args in jobs.items():
+                running[name] = subprocess.Popen(job_command(*args, net=net), cwd=ROOT, env=venv_env(),
+                                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+            done = {}
+            for name, job in running.items():
+                stdout, stderr = job.communicate(timeout=timeout)
+                done[name] = subprocess.CompletedProcess(job.args, job.returncode, stdout, stderr)
+            return done
+        finally:
+            for job in running.values():
+                job.kill()
 
 
 def nvflare(*args, timeout=300, cwd=None, net=(), **env) -> subprocess.CompletedProcess:
@@ -221,6 +241,17 @@ def assert_learns(rounds: list[dict]) -> None:
     """Global accuracy climbs well above chance (0.1) over the rounds."""
     first, last = (metric(r["aggregated_metrics"], "accuracy") for r in (rounds[0], rounds[-1]))
     assert last > 0.5 and last > first + 0.3, (first, last)
+
+
+def accuracy_as_the_sites_measure(model, data_root: str, ranks: int) -> float:
+    """The test accuracy of `model`, counted over the same per-rank slices as client.evaluate."""
+    _, _, test_x, test_y = load_cifar10(data_root)
+    torch.set_num_threads(1)  # like each rank
+    with torch.no_grad():
+        correct = sum(
+            int((model(normalize(test_x[r::ranks])).argmax(1) == test_y[r::ranks]).sum()) for r in range(ranks)
+        )
+    return correct / len(test_y)
 
 
 def site_weight(shard: int) -> int:

@@ -19,10 +19,10 @@ import torch
 from conftest import (
     ROOT,
     WritesMarker,
+    accuracy_as_the_sites_measure,
     assert_clean,
     assert_learns,
-    job_command,
-    network_namespace,
+    jobs_at_once,
     processes_of,
     round_metrics,
     run_job,
@@ -63,21 +63,16 @@ def default_runs(synthetic_root, tmp_path_factory) -> dict:
     spaced_root = folder / "my set's \u00fcber data"
     shutil.copytree(synthetic_root, spaced_root)
     temp_before = set(glob.glob(os.path.join(tempfile.gettempdir(), "torchelastic_*")))
-    runs = {}
-    with network_namespace(folder) as net:
-        for name, root in (("plain", synthetic_root), ("spaced", str(spaced_root))):
-            workspace = str(folder / name)
-            command = job_command("--num_rounds", "3", "--data_root", root, "--workspace", workspace, net=net)
-            runs[name] = (subprocess.Popen(command, cwd=ROOT, env=venv_env(), stdout=subprocess.PIPE,
-                                           stderr=subprocess.PIPE, text=True), workspace)  # fmt: skip
-        try:
-            for name, (job, workspace) in runs.items():
-                stdout, stderr = job.communicate(timeout=600)
-                runs[name] = (subprocess.CompletedProcess(job.args, job.returncode, stdout, stderr), workspace)
-        finally:
-            for job, _ in runs.values():
-                if isinstance(job, subprocess.Popen):
-                    job.kill()
+    roots = {"plain": synthetic_root, "spaced": str(spaced_root)}
+    workspaces = {name: str(folder / name) for name in roots}
+    done = jobs_at_once(
+        folder,
+        {
+            name: ["--num_rounds", "3", "--data_root", root, "--workspace", workspaces[name]]
+            for name, root in roots.items()
+        },
+    )
+    runs = {name: (done[name], workspaces[name]) for name in roots}
     runs["left_in_temp"] = set(glob.glob(os.path.join(tempfile.gettempdir(), "torchelastic_*"))) - temp_before
     return runs
 
@@ -369,17 +364,6 @@ def test_export_config_into_unwritable_folder_is_one_clear_line(tmp_path, monkey
     monkeypatch.setattr(sys, "argv", ["job.py", "--export_config"])
     assert job.main() == 2
     assert f"ERROR: can't write the job folder to {blocker / 'job_config'}" in capsys.readouterr().err
-
-
-def accuracy_as_the_sites_measure(model, data_root: str, ranks: int) -> float:
-    """The test accuracy of `model`, counted over the same per-rank slices as client.evaluate."""
-    _, _, test_x, test_y = load_cifar10(data_root)
-    torch.set_num_threads(1)  # like each rank
-    with torch.no_grad():
-        correct = sum(
-            int((model(normalize(test_x[r::ranks])).argmax(1) == test_y[r::ranks]).sum()) for r in range(ranks)
-        )
-    return correct / len(test_y)
 
 
 @pytest.mark.e2e
