@@ -13,10 +13,19 @@ from local_run.results import back_to_chance, learning_curve, worst_dip
 pytestmark = pytest.mark.e2e  # real runs of job.py or nvflare: the full tier only
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_defaults_climb_without_a_dip_on_three_skewed_sites(small_root, tmp_path, seed):
-    # 1 rank a site: a site's ranks change its speed, not its model (test_gpu_plan.py).
-    flags = ["--n_clients", "3", "--nproc_per_node", "1", "--alpha", "0.5", "--num_rounds", "8", "--seed", str(seed)]
+@pytest.mark.parametrize(
+    "seed, sites",
+    [
+        # 1 rank a site: a site's ranks change its speed, not its model (test_gpu_plan.py) ...
+        (0, ["--nproc_per_node", "1"]),
+        (1, ["--nproc_per_node", "1"]),
+        (2, ["--nproc_per_node", "1"]),
+        # ... and FSDP changes how its ranks hold it (test_fsdp.py); sharding needs 2.
+        (0, ["--nproc_per_node", "2", "--fsdp"]),
+    ],
+)
+def test_defaults_climb_without_a_dip_on_three_skewed_sites(small_root, tmp_path, seed, sites):
+    flags = ["--n_clients", "3", *sites, "--alpha", "0.5", "--num_rounds", "8", "--seed", str(seed)]
     result = run_job("--data_root", small_root, "--workspace", str(tmp_path), *flags)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     accuracies, losses = learning_curve(os.path.join(tmp_path, JOB_NAME, "server", "simulate_job"))

@@ -97,6 +97,51 @@ def test_the_doc_makes_a_trainer_of_your_own_that_learns(tmp_path):
     assert processes_of(workspace) == []
 
 
+def sharding_block() -> str | None:
+    """The doc's FSDP2 block: what replaces `ddp = DDP(model)` in my_trainer.py."""
+    with open(DOC) as f:
+        block = re.search(r"```python\n# in my_trainer.py, instead of ddp = DDP\(model\):\n(.*?)```", f.read(), re.S)
+    return block and block[1]
+
+
+def test_the_sharding_block_replaces_the_one_ddp_line():
+    assert sharding_block() and doc_blocks()["my_trainer.py"].count("ddp = DDP(model)\n") == 1
+
+
+@pytest.mark.e2e
+def test_the_doc_sharded_with_fsdp2_in_bf16_learns_and_sends_float32(tmp_path):
+    blocks = doc_blocks()
+    blocks["my_trainer.py"] = blocks["my_trainer.py"].replace("ddp = DDP(model)\n", sharding_block())
+    your_project(tmp_path / "yours", blocks)
+    data = tmp_path / "data"
+    data.mkdir()
+    g = torch.Generator().manual_seed(1)
+    torch.save(points(2002, g), data / "train.pt")
+    torch.save(points(1000, g), data / "test.pt")
+    workspace = str(tmp_path / "ws")
+    result = run_your_job(
+        tmp_path / "yours", "--num_rounds", "3", "--epochs", "1", "--data_root", str(data), "--workspace", workspace
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rounds = round_metrics(workspace)
+    assert [len(r["sites"]) for r in rounds] == [2, 2, 2]
+    first, last = (metric(r["aggregated_metrics"], "accuracy") for r in (rounds[0], rounds[-1]))
+    assert first < 0.5 and last > 0.8, (first, last)
+    model = torch.load(
+        os.path.join(workspace, JOB_NAME, "server", "simulate_job", "app_server", "FL_global_model.pt"),
+        weights_only=True,
+    )["model"]
+    # The full weights, gathered from the shards: every parameter whole, in float32 (bf16 was only computed in).
+    shapes = {name: tuple(t.shape) for name, t in model.items()}
+    assert shapes == {
+        **{f"layers.0.{n}": s for n, s in (("weight", (64, 16)), ("bias", (64,)))},
+        **{f"layers.1.{n}": (64,) for n in ("weight", "bias", "running_mean", "running_var")},
+        **{"layers.1.num_batches_tracked": (), "layers.3.weight": (4, 64), "layers.3.bias": (4,)},
+    }
+    assert {t.dtype for name, t in model.items() if "num_batches" not in name} == {torch.float32}
+    assert processes_of(workspace) == []
+
+
 # A trainer that sends weights of three dtypes, and keeps what it sent in --data_root for the test to compare.
 MIXED_MODEL = """
 import torch
