@@ -14,16 +14,20 @@ Delete this module once NVFlare's `do_one_task` sends a copy of its own.
 Run it as NVFlare's simulator CLI is run:  python local_run/race_free_simulator.py JOB_FOLDER -w WORKSPACE -n 2 -t 2
 job.py's `--env sim` runs the job through it (`SimEnv` below)."""
 
+import contextlib
 import inspect
 import os
 import re
 import runpy
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 
 import nvflare
+import psutil
 from nvflare.private.fed.app.simulator.simulator_runner import SimulatorClientRunner
 from nvflare.recipe import SimEnv as NVFlareSimEnv
 
@@ -99,6 +103,8 @@ class SimEnv(NVFlareSimEnv):
     def __init__(self, *, quiet: bool = True, **kwargs):
         super().__init__(**kwargs)
         self.quiet = quiet
+        self.server_pid = None  # NVFlare's server process: the simulator's child that writes the server's log
+        self.server_signal = None  # the signal that killed it (or the simulator), if one did
 
     def deploy(self, job) -> str:
         workspace = os.path.join(self.workspace_root, job.name)
@@ -109,12 +115,17 @@ class SimEnv(NVFlareSimEnv):
             command += ["-c", ",".join(self.clients), "-t", str(self.num_threads)]
             command += ["-gpu", self.gpu_config] if self.gpu_config else []
             command += ["-l", self.log_config] if self.log_config else []
-            code = self._run(command, console_log(self.workspace_root, job.name))
+            code = self._run(command, console_log(self.workspace_root, job.name), os.path.join(workspace, "server"))
+        # The simulator exits with its server process's exit code, which is minus the signal that killed it (so
+        # 256 - N); its own death by a signal shows as -N.
+        signum = -code if code < 0 else 256 - code if code > 128 else None
+        if signum in set(signal.Signals):
+            self.server_signal = signal.Signals(signum)
         if code != 0:
             raise RuntimeError(f"the simulator exited with code {code}; logs under {workspace}")
         return job.name
 
-    def _run(self, command: list[str], log_path: str) -> int:
+    def _run(self, command: list[str], log_path: str, server_folder: str) -> int:
         with open(log_path, "w") as log:
             # In a session of its own, as NVFlare's SimEnv starts it: a Ctrl-C reaches job.py alone.
             process = subprocess.Popen(
@@ -123,12 +134,23 @@ class SimEnv(NVFlareSimEnv):
             )  # fmt: skip
             copier = threading.Thread(target=self._copy, args=(process.stdout, log), daemon=True)
             copier.start()
+            threading.Thread(target=self._find_server, args=(process, server_folder), daemon=True).start()
             try:
                 process.wait()
             finally:  # when job.py is stopped, no wait for a simulator that would go on
                 process.kill()
             copier.join(timeout=5)  # a process that outlives the simulator may hold the pipe; job.py ends those
         return process.returncode
+
+    def _find_server(self, simulator: subprocess.Popen, server_folder: str) -> None:
+        """Note the pid of the simulator's child that has the server's log open: NVFlare's server process."""
+        log = os.path.join(server_folder, "log.txt")
+        while self.server_pid is None and simulator.poll() is None:
+            with contextlib.suppress(psutil.Error):
+                for child in psutil.Process(simulator.pid).children():
+                    if any(f.path == log for f in child.open_files()):
+                        self.server_pid = child.pid
+            time.sleep(1)
 
     def _copy(self, stream, log) -> None:
         try:

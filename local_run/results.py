@@ -6,6 +6,7 @@ import math
 import os
 import re
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -23,7 +24,9 @@ NVFLARE_HANDSHAKE = "trainer session established"  # a site, once its trainer's 
 # launched, or exited before the handshake. The simulator's server is not told, and would wait for it forever.
 NVFLARE_SITE_ENDED = "Stopped ClientRunner due to FATAL_SYSTEM_ERROR"
 # torch 2.14 ends the exitcode line with "(SIGKILL)", torch 2.11 does not: the signal is named here instead.
-TORCHRUN_ROOT_CAUSE = r"Root Cause \(first observed failure\):.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)"
+TORCHRUN_ROOT_CAUSE = (
+    r"Root Cause \(first observed failure\):.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)(?: \(pid: (\d+)\))?"
+)
 # NVFlare's log lines start with a timestamp such as "2026-11-27 05:30:40,123".
 LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})")
 
@@ -173,9 +176,10 @@ def diagnose(workspace: str, site: str) -> str | None:
     if own:
         return own.group(0)
     if root:
-        rank, code = root.groups()
-        killed_by = f" ({signal.Signals(-int(code)).name})" if int(code) < 0 else ""
-        return f"{site} rank {rank} failed (exit code {code}{killed_by})"
+        rank, code, pid = root.groups()
+        if int(code) < 0:
+            return killed(f"{site} rank {rank}", -int(code), pid and int(pid))
+        return f"{site} rank {rank} failed (exit code {code})"
     ended = re.search(NVFLARE_TRAINER_EXITED, log)
     if ended:
         return f"{site}'s torchrun ended (rc={ended.group(1)}) before it sent a result"
@@ -183,6 +187,30 @@ def diagnose(workspace: str, site: str) -> str | None:
     if fatal:
         return f"{site}: NVFlare could not start the trainer: {fatal.group(1)}"
     return None
+
+
+def killed(what: str, signum: int, pid: int | None) -> str:
+    """A process of the run, `what`, ended by a signal: the signal, and for a SIGKILL of process `pid`, that memory
+    ran out where the kernel's log says so."""
+    said = f"{what} failed (exit code -{signum} ({signal.Signals(signum).name}))"
+    oom = killed_for_memory(pid) if signum == signal.SIGKILL and pid else False
+    if oom is None:
+        return f"{said}, and the kernel's log can't be read here: if memory ran out, `dmesg` says so"
+    if oom:
+        return f"{said}: memory ran out, and the kernel's OOM killer ended it (docs/performance.md, Large models)"
+    return said
+
+
+def killed_for_memory(pid: int) -> bool | None:
+    """Whether the kernel's log (dmesg) says its OOM killer ended process `pid`; None where it can't be read."""
+    try:
+        log = subprocess.run(["dmesg"], capture_output=True, text=True, errors="replace", timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if log.returncode != 0:
+        return None
+    # "Out of memory: Killed process PID (python3) ..." or "Memory cgroup out of memory: Killed process PID ..."
+    return re.search(rf"Killed process {pid} \(", log.stdout) is not None
 
 
 def failure_phase(logs_root: str | None, sites: list[str], complete_rounds: int, num_rounds: int) -> str:
@@ -205,10 +233,12 @@ def report_failure(
     stopped_by: str | None,
     min_clients: int,
     finished: bool = False,
+    server_ended: str | None = None,
 ) -> None:
-    """The error line: what stopped the job, where, and which global model is kept. finished: the job itself
-    had finished when job.py was stopped."""
-    causes = {site: diagnose(logs_root, site) for site in sites} if logs_root else {}
+    """Which global model is kept, then the error line: what stopped the job, and where. finished: the job itself
+    had finished when job.py was stopped; server_ended: how NVFlare's server process ended, if it was killed (then
+    no site is blamed: what the sites logged after is a consequence)."""
+    causes = {site: diagnose(logs_root, site) for site in sites} if logs_root and not server_ended else {}
     failed = [site for site, cause in causes.items() if cause]
     # A stop by signal has no failed site: then any site still starting means start-up.
     phase = (
@@ -226,11 +256,11 @@ def report_failure(
         print(f"ERROR: the job was stopped by {stopped_by} {phase}; {kept}", file=sys.stderr)
         return
     where = f"{logs_root}/<site>/log.txt" if logs_root else "each site's workspace"
-    why = "; ".join(causes[site] for site in failed) or "a site did not report"
+    why = server_ended or "; ".join(causes[site] for site in failed) or "a site did not report"
     if min_clients < len(sites) and len(sites) - len(failed) < min_clients:
         why += f"; fewer than --min_clients {min_clients} sites were left"
-    print(f"ERROR: the job stopped {phase}: {why}. Logs: {where}", file=sys.stderr)
     print(kept, file=sys.stderr)
+    print(f"ERROR: the job stopped {phase}: {why}. Logs: {where}", file=sys.stderr)
 
 
 def dropouts(rounds: list[dict], sites: list[str]) -> dict[str, int]:
@@ -252,12 +282,13 @@ def summarize(
     logs_root: str | None = None,
     stopped_by: str | None = None,
     min_clients: int | None = None,
+    server_ended: str | None = None,
 ) -> int:
     """Print the results a person wants; 1 if the job did not finish every round and the final evaluation.
 
     server_dir holds the server's metrics/ and app_server/; logs_root, where known, the sites' logs;
     stopped_by names the signal that stopped job.py, if one did; min_clients, the fewest sites a round may
-    average (default: all of them)."""
+    average (default: all of them); server_ended, how NVFlare's server process ended if a signal killed it."""
     rounds = read_rounds(server_dir)
     times = round_wall_times(server_log)
     if rounds:
@@ -270,8 +301,10 @@ def summarize(
     dropped = dropouts(rounds, sites) if min_clients < len(sites) else {}
     final_scores = read_final_scores(server_dir)
     finished = len(complete) >= num_rounds and set(final_scores) == set(sites) - set(dropped)
-    if stopped_by or not finished:
-        report_failure(server_dir, sites, num_rounds, len(complete), logs_root, stopped_by, min_clients, finished)
+    if stopped_by or server_ended or not finished:
+        report_failure(
+            server_dir, sites, num_rounds, len(complete), logs_root, stopped_by, min_clients, finished, server_ended
+        )
         return 1
     for site, r in dropped.items():
         cause = (diagnose(logs_root, site) if logs_root else None) or "see its log"

@@ -18,7 +18,7 @@ from nvflare.tool.poc.poc_commands import get_poc_workspace
 
 from local_run.gpu_plan import default_ranks, gpu_blocks, plan_lines, visible_gpus
 from local_run.race_free_simulator import SimEnv, console_log
-from local_run.results import follow_rounds, summarize
+from local_run.results import follow_rounds, killed, summarize
 from local_run.watchdog import Watchdog
 
 
@@ -104,8 +104,13 @@ def run_in_simulator(recipe, args: argparse.Namespace, sites: list[str]) -> int:
         finally:
             done.set()
     stopped_by = signal_name(watchdog.signum)
+    server_ended = (
+        killed(f"NVFlare's server process (pid {env.server_pid})", env.server_signal, env.server_pid)
+        if env.server_signal and not stopped_by
+        else None
+    )
     code = summarize(server_dir, os.path.join(workspace, "server", "log.txt"), sites, args.num_rounds, workspace,
-                     stopped_by, args.min_clients)  # fmt: skip
+                     stopped_by, args.min_clients, server_ended)  # fmt: skip
     return 128 + watchdog.signum if stopped_by else code
 
 

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import time
 
+import psutil
 import pytest
 
 from conftest import (
@@ -152,6 +153,44 @@ def test_signal_to_job_py_ends_every_process_it_started(
     assert f"ERROR: the job was stopped by {name} {phase}; " in stderr
     assert_kept(stderr, workspace, kept_round)
     assert stderr.strip().splitlines()[-1].startswith("ERROR: the job was stopped"), stderr[-3000:]
+
+
+def test_sigkill_of_the_server_mid_round_is_named_in_the_last_line_and_blames_no_site(small_root, tmp_path):
+    # Round 1 is held open by a stopped rank (SIGSTOP), so the server dies mid-round, as under the OOM killer.
+    workspace = str(tmp_path)
+    server_log = os.path.join(workspace, JOB_NAME, "server", "log.txt")
+    job = subprocess.Popen(
+        job_command("--num_rounds", str(ROUNDS), "--nproc_per_node", "1", "--data_root", small_root,
+                    "--workspace", workspace),
+        cwd=ROOT, env=venv_env(DDP_EXAMPLE_FAULT="site-1:0:1:stop"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        wait_for_log_lines(os.path.join(workspace, JOB_NAME, "site-1", "log.txt"), "injecting fault", 1, 180)
+        server = [p.pid for p in psutil.process_iter() if any(f.path == server_log for f in safe_open_files(p))]
+        assert len(server) == 1
+        os.kill(server[0], signal.SIGKILL)
+        _, stderr = job.communicate(timeout=120)
+    finally:
+        job.kill()
+    assert job.returncode == 1, stderr[-3000:]
+    assert (
+        stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            f"ERROR: the job stopped in round 1 of {ROUNDS}: NVFlare's server process (pid {server[0]}) failed (exit code "
+            "-9 (SIGKILL)). Logs: "
+        )
+    ), stderr[-3000:]
+    assert_kept(stderr, workspace, 0)
+    assert processes_left(workspace) == []
+
+
+def safe_open_files(process: psutil.Process) -> list:
+    try:
+        return process.open_files()
+    except psutil.Error:  # it ended, or is not ours to read
+        return []
 
 
 MIN_CLIENTS_RUN = ["--n_clients", "3", "--nproc_per_node", "1", "--min_clients", "2", "--master_port", "7830"]

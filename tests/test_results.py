@@ -1,4 +1,7 @@
 import os
+import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -47,10 +50,14 @@ def test_a_site_nvflare_could_not_start_is_named_with_nvflares_reason(tmp_path, 
     logs = write_log(tmp_path, "site-1", MIXED_UP)
     write_log(tmp_path, "site-2", "2026-11-30 14:32:31,000 - X - INFO - launching external trainer\n")
     assert summarize(str(tmp_path / "server"), str(tmp_path / "server.log"), ["site-1", "site-2"], 1, logs) == 1
-    assert capsys.readouterr().err.startswith(
-        "ERROR: the job stopped during start-up: site-1: NVFlare could not start the trainer: ClientAPIExecutor "
-        "cannot start: backend for execution_mode 'external_process' failed to initialize: FileNotFoundError: "
-        "[Errno 2] No such file or directory: '/ws/site-1/simulate_job/app_site-2/"
+    assert (
+        capsys.readouterr()
+        .err.splitlines()[-1]
+        .startswith(  # the run's last line
+            "ERROR: the job stopped during start-up: site-1: NVFlare could not start the trainer: ClientAPIExecutor "
+            "cannot start: backend for execution_mode 'external_process' failed to initialize: FileNotFoundError: "
+            "[Errno 2] No such file or directory: '/ws/site-1/simulate_job/app_site-2/"
+        )
     )
 
 
@@ -84,3 +91,24 @@ def test_a_site_missing_from_every_later_round_dropped_out():
     assert dropouts(rounds, ["site-1", "site-2", "site-3"]) == {"site-3": 1}
     assert dropouts(rounds[:1], ["site-1", "site-2", "site-3"]) == {}
     assert dropouts(rounds[1:], ["site-1", "site-2", "site-3"]) == {"site-3": 1}  # gone from the first round on
+
+
+def test_a_rank_the_kernels_oom_killer_ended_is_said_to_have_run_out_of_memory(tmp_path):
+    """A real out-of-memory kill: a process in a memory cgroup of 100 MB that asks for 1 GB."""
+    cgroup = f"/sys/fs/cgroup/memory/ddp_example_oom_{os.getpid()}"
+    if not os.path.isdir(os.path.dirname(cgroup)):
+        pytest.skip("no cgroup v1 memory controller to make a real OOM kill in")
+    os.mkdir(cgroup)
+    try:
+        with open(os.path.join(cgroup, "memory.limit_in_bytes"), "w") as f:
+            f.write(str(100 * 2**20))
+        joiner = f"open({os.path.join(cgroup, 'cgroup.procs')!r}, 'w').write(str(__import__('os').getpid()))"
+        hog = subprocess.Popen([sys.executable, "-c", f"{joiner}; b = [bytearray(10**7) for _ in range(100)]"])
+        assert hog.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        os.rmdir(cgroup)
+    logs = write_log(tmp_path, "site-2", ROOT_CAUSE.format(suffix="").replace("pid: 7626", f"pid: {hog.pid}"))
+    assert diagnose(logs, "site-2") == (
+        "site-2 rank 1 failed (exit code -9 (SIGKILL)): memory ran out, and the kernel's OOM killer ended it "
+        "(docs/performance.md, Large models)"
+    )
