@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from client import choose_backend, parse_args, round_lr, train, warm_up
+from client import choose_backend, parse_args, round_lr, sharded, train, warm_up
 from conftest import ROOT, venv_env
 from model import Net
 
@@ -105,15 +105,18 @@ def test_each_step_is_clipped_to_max_grad_norm(one_rank_group, max_grad_norm):
         assert moved > 0.5 * 0.1  # the unclipped gradient of a fresh Net is far larger than 1e-3
 
 
-def test_warm_up_leaves_the_weights_as_they_were(one_rank_group):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_warm_up_leaves_the_weights_as_they_were(one_rank_group, parallel):
     # It trains a step before the first task; what the site then receives and sends must not depend on it.
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (128, 3, 32, 32), dtype=torch.uint8, generator=g)
     labels = torch.randint(0, 10, (128,), generator=g)
     net = Net(seed=0)
     before = {name: tensor.clone() for name, tensor in net.state_dict().items()}
-    warm_up(DDP(net), images, labels, images, labels, parse_args(["--site", "site-1", "--sites", "site-1"]))
-    assert all(torch.equal(before[name], tensor) for name, tensor in net.state_dict().items())
+    trainer = DDP(net) if parallel == "ddp" else sharded(net)
+    warm_up(trainer, net, images, labels, images, labels, parse_args(["--site", "site-1", "--sites", "site-1"]))
+    after = {name: getattr(t, "full_tensor", lambda t=t: t)() for name, t in net.state_dict().items()}
+    assert after.keys() == before.keys() and all(torch.equal(before[name], after[name]) for name in before)
     assert all(p.grad is None for p in net.parameters())
 
 

@@ -174,14 +174,9 @@ def test_sigkill_of_the_server_mid_round_is_named_in_the_last_line_and_blames_no
     finally:
         job.kill()
     assert job.returncode == 1, stderr[-3000:]
-    assert (
-        stderr.strip()
-        .splitlines()[-1]
-        .startswith(
-            f"ERROR: the job stopped in round 1 of {ROUNDS}: NVFlare's server process (pid {server[0]}) failed (exit code "
-            "-9 (SIGKILL)). Logs: "
-        )
-    ), stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    killed = f"NVFlare's server process (pid {server[0]}) failed (exit code -9 (SIGKILL))"
+    assert last.startswith(f"ERROR: the job stopped in round 1 of {ROUNDS}: {killed}. Logs: "), stderr[-3000:]
     assert_kept(stderr, workspace, 0)
     assert processes_left(workspace) == []
 
