@@ -54,6 +54,10 @@ def check_data(data_root: str) -> str | None:
 
 
 JOB_NAME = "pt_ddp_fedavg"  # the job's name, and its folder in every workspace
+# How long a site waits on the server for one request, in seconds. The reply to a task request or to a sent result
+# can wait on the whole model moving, minutes for a model of several GB on a slow link; NVFlare's default for both
+# is its 300 s communication timeout (docs/performance.md, Large models).
+TRANSFER_TIMEOUTS = {"get_task_timeout": 1200.0, "submit_task_result_timeout": 1800.0}
 EXPORT_DIR = "/tmp/nvflare/jobs/job_config"
 DEFAULT_RANKS = 2  # a site's ranks where no GPU of this machine limits them
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -284,6 +288,7 @@ def build_recipe(args: argparse.Namespace, gpu_blocks: list[list[str]] | None = 
         # default grace of 60 s (the same as FedJob's fail_fast).
         "dead_client_grace_period": 0.0,
     })  # fmt: skip
+    recipe.add_client_config(TRANSFER_TIMEOUTS)
     for module in TRAINER_FILES:
         recipe.add_client_file(os.path.join(HERE, module))
     recipe.add_server_file(os.path.join(HERE, "server_fedavg.py"))

@@ -256,7 +256,9 @@ def test_export_config_writes_one_app_per_site_with_its_rank_count_and_no_fixed_
         config = glob.glob(os.path.join(job_dir, "**", f"*{site}*", "config", "config_fed_client.json"), recursive=True)
         assert len(config) == 1, deploy_map
         with open(config[0]) as f:
-            command = json.load(f)["executors"][0]["executor"]["args"]["command"]
+            client_config = json.load(f)
+        command = client_config["executors"][0]["executor"]["args"]["command"]
+        assert {name: client_config[name] for name in job.TRANSFER_TIMEOUTS} == job.TRANSFER_TIMEOUTS
         assert (
             command[:4] == ["python3", "-u", "-m", "torch.distributed.run"] and f"--nproc_per_node={ranks}" in command
         )

@@ -1,0 +1,327 @@
+"""bench.py item 7: models of real size, side by side in one run (BENCHMARKS.md, "Models of real size").
+
+For each size, an MLP of 4096 x 4096 layers, 2 sites x 2 ranks, one SGD step on 8 random samples a round (so that a
+round is almost only weight traffic):
+- this job: the example's job.py, bridge and server, with the model and a trainer written as
+  docs/your-own-model-and-data.md says (DDP; with --fsdp in the sizes given, the same trainer sharded with FSDP2);
+- NVFlare's stock job: FedAvgRecipe with the PyTorch exchange format and an external trainer of one process a site
+  (receive, load, one step, send);
+- the floor: the round's bytes (the model down to and up from every site) serialized as NVFlare does (safetensors)
+  and moved through a loopback socket, in one process.
+Every process of a run has its RSS sampled every 0.2 s. It writes its own models and needs no data.
+
+  python benchmarks/bench.py --items 7                          # 70, 270 and 810 MB in fp32, 810 MB in bf16
+  python benchmarks/model_size.py --layers 24 --dtype bfloat16 --ranks 1 --jobs this  # rows of your own
+"""
+
+import argparse
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import psutil
+import torch
+from safetensors.torch import load, save
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PROJECT = os.path.dirname(HERE)
+sys.path.insert(0, PROJECT)
+
+from local_run.results import log_times  # noqa: E402
+
+WIDTH = 4096
+SITES = ["site-1", "site-2"]
+COPIED = ["flare_ddp.py", "job.py", "protocol.py", "server_fedavg.py", "local_run"]  # the doc's "What to copy"
+
+BIG_MODEL = """
+import torch
+from torch import nn
+
+LAYERS, WIDTH, DTYPE = {layers}, {width}, torch.{dtype}
+
+
+class Big(nn.Module):
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.layers = nn.Sequential(*[nn.Linear(WIDTH, WIDTH, bias=False, dtype=DTYPE) for _ in range(LAYERS)])
+
+    def forward(self, x):
+        return self.layers(x)
+"""
+# The doc's trainer, cut to one step a round on random samples.
+BIG_TRAINER = """
+import os
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel as DDP
+import flare_ddp
+from big_model import DTYPE, WIDTH, Big
+
+dist.init_process_group("gloo")
+model = Big()
+if {fsdp}:
+    for layer in model.layers:
+        fully_shard(layer)
+    trainer = fully_shard(model)
+else:
+    trainer = DDP(model)
+x = torch.randn(8, WIDTH, dtype=DTYPE, generator=torch.Generator().manual_seed(dist.get_rank()))
+flare_ddp.init()
+for task in flare_ddp.tasks(model):
+    if task.kind != flare_ddp.TRAIN:
+        own = model.state_dict() if task.kind == flare_ddp.SUBMIT_MODEL else None
+        task.send(params=own, metrics={{"accuracy": 0.0}})
+        continue
+    optimizer = torch.optim.SGD(trainer.parameters(), lr=1e-3)
+    loss = trainer(x).float().pow(2).mean()
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    del optimizer
+    task.send(params=model.state_dict(), metrics={{"accuracy": 0.0, "train_loss": loss.item()}}, weight=8)
+dist.destroy_process_group()
+os._exit(0)
+"""
+JOB_BLOCK = """
+TRAIN_SCRIPT = "big_trainer.py"
+TRAINER_FILES = ["flare_ddp.py", "big_model.py"]
+
+
+def initial_model(seed: int) -> torch.nn.Module:
+    from big_model import Big
+
+    return Big(seed=seed)
+
+
+def check_data(data_root: str) -> str | None:
+    return None
+
+
+"""
+# NVFlare 2.9's own way, as its examples write it: one process a site.
+STOCK_JOB = """
+import sys
+from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
+from nvflare.client.config import ExchangeFormat
+from nvflare.recipe import SimEnv
+from big_model import Big
+
+recipe = FedAvgRecipe(
+    name="stock", model=Big(seed=0), min_clients=2, num_rounds=int(sys.argv[1]), train_script="stock_trainer.py",
+    server_expected_format=ExchangeFormat.PYTORCH, launch_external_process=True,
+)
+recipe.execute(SimEnv(clients=["site-1", "site-2"], workspace_root=sys.argv[2]))
+"""
+STOCK_TRAINER = """
+import torch
+import nvflare.client as flare
+from nvflare.apis.fl_constant import FLMetaKey
+from big_model import DTYPE, WIDTH, Big
+
+flare.init()
+model = Big()
+x = torch.randn(8, WIDTH, dtype=DTYPE)
+while flare.is_running():
+    received = flare.receive()
+    if received is None:
+        break
+    model.load_state_dict(received.params)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    loss = model(x).float().pow(2).mean()
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    del optimizer
+    flare.send(flare.FLModel(params=model.state_dict(), meta={FLMetaKey.NUM_STEPS_CURRENT_ROUND: 8}))
+"""
+
+
+def write_project(folder: str, layers: int, dtype: str, fsdp: bool, width: int = WIDTH) -> None:
+    """The example made someone's own, as the doc says, with the model and trainer above; and the stock job."""
+    os.makedirs(folder)
+    for name in COPIED:
+        source = os.path.join(PROJECT, name)
+        if os.path.isdir(source):
+            shutil.copytree(source, os.path.join(folder, name), ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(source, folder)
+    files = {
+        "big_model.py": BIG_MODEL.format(layers=layers, width=width, dtype=dtype),
+        "big_trainer.py": BIG_TRAINER.format(fsdp=fsdp),
+        "stock_job.py": STOCK_JOB,
+        "stock_trainer.py": STOCK_TRAINER,
+    }
+    for name, text in files.items():
+        with open(os.path.join(folder, name), "w") as f:
+            f.write(text)
+    with open(os.path.join(folder, "job.py")) as f:
+        job = f.read()
+    start, end = job.index("TRAIN_SCRIPT = "), job.index("JOB_NAME = ")
+    with open(os.path.join(folder, "job.py"), "w") as f:
+        f.write(job[:start] + JOB_BLOCK + job[end:])
+
+
+class PeakMemory:
+    """Samples the RSS of every process under `root` every 0.2 s: the peak of the server process (the one that
+    has `server_log` open), of each trainer rank (by torchrun's RANK; the stock trainer is rank 0), and of their sum."""
+
+    def __init__(self, root: psutil.Process, server_log: str, trainer: str):
+        self.root, self.server_log, self.trainer = root, server_log, trainer
+        self.peaks = {"server": 0, "all": 0}
+        self._server_pid = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join()
+        return self.peaks
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            try:
+                processes = [self.root, *self.root.children(recursive=True)]
+            except psutil.Error:
+                continue
+            total = 0
+            for p in processes:
+                try:
+                    rss = p.memory_info().rss
+                    total += rss
+                    self._note(p, rss)
+                except psutil.Error:
+                    pass
+            self.peaks["all"] = max(self.peaks["all"], total)
+
+    def _note(self, p: psutil.Process, rss: int) -> None:
+        if self._server_pid is None and any(f.path == self.server_log for f in p.open_files()):
+            self._server_pid = p.pid
+        if p.pid == self._server_pid:
+            self.peaks["server"] = max(self.peaks["server"], rss)
+        elif any(arg.endswith(self.trainer) for arg in p.cmdline()) and "torch.distributed.run" not in p.cmdline():
+            key = f"rank {p.environ().get('RANK', '0')}"
+            self.peaks[key] = max(self.peaks.get(key, 0), rss)
+
+
+def run(folder: str, command: list[str], workspace: str, server_log: str, trainer: str) -> dict:
+    """One job: its wall time, its marginal round time (between the server's train tasks after round 0), and the
+    peak memory of its processes."""
+    started = time.time()
+    process = subprocess.Popen(command, cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    memory = PeakMemory(psutil.Process(process.pid), server_log, trainer)
+    output, _ = process.communicate(timeout=3600)
+    wall = time.time() - started
+    peaks = memory.stop()
+    if process.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed ({process.returncode}):\n{output[-3000:]}")
+    sends = log_times(server_log, "Sending task train")
+    rounds = [b - a for a, b in zip(sends[1:], sends[2:])]  # round 0 holds start-up; the last has no next
+    return {"wall": wall, "round": sum(rounds) / len(rounds) if rounds else float("nan"), **peaks}
+
+
+def loopback_seconds(state: dict, times: int) -> float:
+    """The floor: serialize `state` as NVFlare's tensor downloader does (safetensors), move it through a loopback
+    socket, and load it back, `times` times, in one process."""
+    server = socket.create_server(("127.0.0.1", 0))
+    received = []
+
+    def receive() -> None:
+        for _ in range(times):
+            connection, _ = server.accept()
+            with connection:
+                chunks = []
+                while chunk := connection.recv(1 << 22):
+                    chunks.append(chunk)
+            received.append(load(b"".join(chunks)))
+            chunks.clear()
+            received.clear()
+
+    reader = threading.Thread(target=receive)
+    started = time.perf_counter()
+    reader.start()
+    for _ in range(times):
+        with socket.create_connection(server.getsockname()) as connection:
+            connection.sendall(save(state))
+    reader.join()
+    server.close()
+    return time.perf_counter() - started
+
+
+def mib(n: int) -> str:
+    return f"{n / 2**20:,.0f}"
+
+
+def measure(layers: int, dtype: str, rounds: int, jobs: list[str], ranks: int, width: int = WIDTH) -> dict:
+    """Each job's run with a model of `layers` layers of width x width `dtype` weights."""
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for job in jobs:
+            folder = os.path.join(tmp, job)
+            write_project(folder, layers, dtype, fsdp=job == "this-fsdp", width=width)
+            workspace = os.path.join(tmp, f"{job}-ws")
+            if job == "stock":
+                command = [sys.executable, "stock_job.py", str(rounds), workspace]
+                server_log, trainer = os.path.join(workspace, "stock", "server", "log.txt"), "stock_trainer.py"
+            else:
+                command = [sys.executable, "job.py", "--num_rounds", str(rounds), "--workspace", workspace,
+                           "--nproc_per_node", str(ranks), "--data_root", tmp]  # fmt: skip
+                server_log, trainer = os.path.join(workspace, "pt_ddp_fedavg", "server", "log.txt"), "big_trainer.py"
+            results[job] = run(folder, command, workspace, server_log, trainer)
+            shutil.rmtree(workspace, ignore_errors=True)
+    return results
+
+
+def rows(layers: int, dtype: str, results: dict, bases: dict) -> list[str]:
+    """Markdown rows, one a job and the floor. bases: each job's peaks with a model of 64 KiB, which a process
+    holds whatever the model: the server's peak above it is what the model costs it."""
+    model_bytes = layers * WIDTH * WIDTH * torch.finfo(getattr(torch, dtype)).bits // 8
+    moved = 2 * len(SITES) * model_bytes  # down to and up from every site
+    lines = []
+    for job, r in results.items():
+        above = r["server"] - bases[job]["server"]
+        others = [r[k] for k in r if k.startswith("rank ") and k != "rank 0"]
+        lines.append(
+            f"| {mib(model_bytes)} MiB {dtype} | {job} | {r['round']:.1f} | {r['wall']:.1f} | {mib(moved)} | "
+            f"{mib(r['server'])} | {mib(above)} ({above / model_bytes:.1f}x) | {mib(r.get('rank 0', 0))} | "
+            f"{mib(max(others)) if others else '-'} | {mib(r['all'])} |"
+        )
+    state = {f"layers.{i}.weight": torch.zeros(WIDTH, WIDTH, dtype=getattr(torch, dtype)) for i in range(layers)}
+    floor = loopback_seconds(state, 2 * len(SITES))
+    lines.append(f"| {mib(model_bytes)} MiB {dtype} | floor: loopback socket | {floor:.1f} | | {mib(moved)} | | | | | |")
+    return lines
+
+
+HEADER = [
+    "| model | job | marginal round (s) | whole job (s) | MiB moved a round | peak RSS server, MiB | server above its "
+    "base (x model) | rank 0 | another rank | all processes |",
+    "|---|---|---|---|---|---|---|---|---|---|",
+]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, nargs="+", default=[1, 4, 12], help="4096 x 4096 layers of each model")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--rounds", type=int, default=3, help="rounds of each job")
+    p.add_argument("--ranks", type=int, default=2, help="ranks of each site of this job (the stock job has one)")
+    p.add_argument(
+        "--jobs", nargs="+", default=["this", "stock"], choices=["this", "this-fsdp", "stock"], help="jobs to run"
+    )
+    args = p.parse_args()
+    bases = measure(1, args.dtype, args.rounds, args.jobs, args.ranks, width=128)
+    print("\n".join(HEADER), flush=True)
+    for layers in args.layers:
+        for line in rows(layers, args.dtype, measure(layers, args.dtype, args.rounds, args.jobs, args.ranks), bases):
+            print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
