@@ -10,9 +10,11 @@
 5. weights exchanged as NumPy arrays vs as PyTorch tensors (the default): a round's wall time and FL overhead;
 6. torchrun's rendezvous on a fixed --master_port vs its standalone one (the default): the time from
    `python job.py` to the last trainer handshake. Items 5 and 6 alternate jobs of the two settings
-   (--quick, a smoke run, compares with the run of the defaults that items 3 and 4 made).
+   (--quick, a smoke run, compares with the run of the defaults that items 3 and 4 made);
+7. models of real size (model_size.py): this job vs NVFlare's stock job vs a loopback floor, round time and peak
+   memory per process, for models of 64 MiB to 768 MiB (--quick: 64 MiB).
 
-  python benchmarks/bench.py --data_root /tmp/nvflare/data          # everything, about 12 minutes on 2 cores
+  python benchmarks/bench.py --data_root /tmp/nvflare/data          # everything, about 30 minutes on 2 cores
   python benchmarks/bench.py --data_root /tmp/nvflare/data --quick  # a smoke run of every item
   python benchmarks/bench.py --data_root /tmp/small --items 4 --n_clients 3 --alpha 0.5 --baseline previous
 """
@@ -34,6 +36,8 @@ import torchvision.transforms as T
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROJECT = os.path.dirname(HERE)
 sys.path.insert(0, PROJECT)  # the example's own modules, one folder up
+
+import model_size
 
 from data import BATCH_DIR, META_FILE, epoch_batches, load_cifar10, normalize, read_pickle
 from job import JOB_NAME
@@ -263,7 +267,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_root", default=DEFAULT_DATA_ROOT)
     p.add_argument("--quick", action="store_true", help="small sizes: checks that every item runs")
-    p.add_argument("--items", default="123456", help="the items to run, for example 4 (default: all)")
+    p.add_argument("--items", default="1234567", help="the items to run, for example 4 (default: all)")
     p.add_argument("--seeds", type=positive_int, help="seeds 0..N-1 of item 4 (default 5; 1 with --quick)")
     p.add_argument("--num_rounds", type=positive_int, help="rounds of each job (default 5; 3 with --quick)")
     p.add_argument("--n_clients", type=positive_int, default=2, help="sites of each job")
@@ -447,10 +451,14 @@ def main() -> None:
             )
         )
 
-    width = max(len(r[0]) for r in rows)
-    print(f"{'item':<{width}}  {'baseline':>21}  {'this project':>21}  ratio")
+    width = max((len(r[0]) for r in rows), default=0)
+    if rows:
+        print(f"{'item':<{width}}  {'baseline':>21}  {'this project':>21}  ratio")
     for name, base_value, ours_value, ratio in rows:
         print(f"{name:<{width}}  {base_value:>21}  {ours_value:>21}  {ratio}".rstrip())
+    if "7" in args.items:
+        print("7 models of real size: 2 sites; this job's sites 2 ranks, the stock job's one process")
+        model_size.report([(1, "float32")] if args.quick else model_size.SIZES, rounds, ["this", "stock"], ranks=2)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ round is almost only weight traffic):
   and moved through a loopback socket, in one process.
 Every process of a run has its RSS sampled every 0.2 s. It writes its own models and needs no data.
 
-  python benchmarks/bench.py --items 7                          # 70, 270 and 810 MB in fp32, 810 MB in bf16
+  python benchmarks/bench.py --items 7  # 64, 256 and 768 MiB in fp32, 768 MiB of layers in bf16 (384 MiB)
   python benchmarks/model_size.py --layers 24 --dtype bfloat16 --ranks 1 --jobs this  # rows of your own
 """
 
@@ -105,12 +105,13 @@ def check_data(data_root: str) -> str | None:
 
 
 """
-# NVFlare 2.9's own way, as its examples write it: one process a site.
+# NVFlare 2.9's own way, as its examples write it: one process a site. It runs in NVFlare's simulator less its
+# start-up race (local_run/race_free_simulator.py), which would otherwise fail some runs before round 0.
 STOCK_JOB = """
 import sys
 from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
 from nvflare.client.config import ExchangeFormat
-from nvflare.recipe import SimEnv
+from local_run.race_free_simulator import SimEnv
 from big_model import Big
 
 recipe = FedAvgRecipe(
@@ -211,11 +212,15 @@ class PeakMemory:
             self.peaks[key] = max(self.peaks.get(key, 0), rss)
 
 
-def run(folder: str, command: list[str], workspace: str, server_log: str, trainer: str) -> dict:
+def run(folder: str, command: list[str], server_log: str, trainer: str) -> dict:
     """One job: its wall time, its marginal round time (between the server's train tasks after round 0), and the
     peak memory of its processes."""
     started = time.time()
-    process = subprocess.Popen(command, cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # The stock job's trainers run `python3` from PATH: this interpreter's.
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    process = subprocess.Popen(
+        command, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     memory = PeakMemory(psutil.Process(process.pid), server_log, trainer)
     output, _ = process.communicate(timeout=3600)
     wall = time.time() - started
@@ -259,8 +264,11 @@ def mib(n: int) -> str:
     return f"{n / 2**20:,.0f}"
 
 
-def measure(layers: int, dtype: str, rounds: int, jobs: list[str], ranks: int, width: int = WIDTH) -> dict:
-    """Each job's run with a model of `layers` layers of width x width `dtype` weights."""
+def measure(
+    layers: int, dtype: str, rounds: int, jobs: list[str], ranks: int, width: int = WIDTH, prefix: list[str] = ()
+) -> dict:
+    """Each job's run with a model of `layers` layers of width x width `dtype` weights; prefix: what each job's
+    command line runs under (a network namespace of its own, in the tests)."""
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for job in jobs:
@@ -274,7 +282,7 @@ def measure(layers: int, dtype: str, rounds: int, jobs: list[str], ranks: int, w
                 command = [sys.executable, "job.py", "--num_rounds", str(rounds), "--workspace", workspace,
                            "--nproc_per_node", str(ranks), "--data_root", tmp]  # fmt: skip
                 server_log, trainer = os.path.join(workspace, "pt_ddp_fedavg", "server", "log.txt"), "big_trainer.py"
-            results[job] = run(folder, command, workspace, server_log, trainer)
+            results[job] = run(folder, [*prefix, *command], server_log, trainer)
             shutil.rmtree(workspace, ignore_errors=True)
     return results
 
@@ -295,7 +303,9 @@ def rows(layers: int, dtype: str, results: dict, bases: dict) -> list[str]:
         )
     state = {f"layers.{i}.weight": torch.zeros(WIDTH, WIDTH, dtype=getattr(torch, dtype)) for i in range(layers)}
     floor = loopback_seconds(state, 2 * len(SITES))
-    lines.append(f"| {mib(model_bytes)} MiB {dtype} | floor: loopback socket | {floor:.1f} | | {mib(moved)} | | | | | |")
+    lines.append(
+        f"| {mib(model_bytes)} MiB {dtype} | floor: loopback socket | {floor:.1f} | | {mib(moved)} |" + " |" * 5
+    )
     return lines
 
 
@@ -304,6 +314,19 @@ HEADER = [
     "base (x model) | rank 0 | another rank | all processes |",
     "|---|---|---|---|---|---|---|---|---|---|",
 ]
+
+
+# The sizes of bench.py item 7: about 70, 270 and 810 MB in float32, and the largest in bf16.
+SIZES = [(1, "float32"), (4, "float32"), (12, "float32"), (12, "bfloat16")]
+
+
+def report(sizes: list[tuple[int, str]], rounds: int, jobs: list[str], ranks: int) -> None:
+    """Print the table: each (layers, dtype) of `sizes`, each job."""
+    bases = {dtype: measure(1, dtype, rounds, jobs, ranks, width=128) for dtype in {d for _, d in sizes}}
+    print("\n".join(HEADER), flush=True)
+    for layers, dtype in sizes:
+        for line in rows(layers, dtype, measure(layers, dtype, rounds, jobs, ranks), bases[dtype]):
+            print(line, flush=True)
 
 
 def main() -> None:
@@ -316,11 +339,7 @@ def main() -> None:
         "--jobs", nargs="+", default=["this", "stock"], choices=["this", "this-fsdp", "stock"], help="jobs to run"
     )
     args = p.parse_args()
-    bases = measure(1, args.dtype, args.rounds, args.jobs, args.ranks, width=128)
-    print("\n".join(HEADER), flush=True)
-    for layers in args.layers:
-        for line in rows(layers, args.dtype, measure(layers, args.dtype, args.rounds, args.jobs, args.ranks), bases):
-            print(line, flush=True)
+    report([(layers, args.dtype) for layers in args.layers], args.rounds, args.jobs, args.ranks)
 
 
 if __name__ == "__main__":

@@ -14,9 +14,21 @@ from conftest import OWN_NETWORK, ROOT, venv_env
 
 @pytest.mark.e2e  # it runs job.py 4 times, of 1 site on the small set: the least that shows each item runs
 def test_quick_bench_prints_every_item(small_root):
+    # Item 7 (models of real size) is test_model_size.py's: its own short run.
     bench = os.path.join(ROOT, "benchmarks", "bench.py")
     result = subprocess.run(
-        [*OWN_NETWORK, sys.executable, bench, "--quick", "--n_clients", "1", "--data_root", small_root],
+        [
+            *OWN_NETWORK,
+            sys.executable,
+            bench,
+            "--quick",
+            "--items",
+            "123456",
+            "--n_clients",
+            "1",
+            "--data_root",
+            small_root,
+        ],
         cwd=ROOT,
         env=venv_env(),
         capture_output=True,
