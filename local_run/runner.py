@@ -104,9 +104,12 @@ def run_in_simulator(recipe, args: argparse.Namespace, sites: list[str]) -> int:
         finally:
             done.set()
     stopped_by = signal_name(watchdog.signum)
+    # A server killed by a signal that neither job.py nor its watchdog sent (the watchdog ends the run's processes
+    # once a site has ended before its handshake).
+    killed_outside = env.server_signal and not stopped_by and not watchdog.ended_sites
     server_ended = (
         killed(f"NVFlare's server process (pid {env.server_pid})", env.server_signal, env.server_pid)
-        if env.server_signal and not stopped_by
+        if killed_outside
         else None
     )
     code = summarize(server_dir, os.path.join(workspace, "server", "log.txt"), sites, args.num_rounds, workspace,
