@@ -15,6 +15,7 @@ Every process of a run has its RSS sampled every 0.2 s. It writes its own models
 """
 
 import argparse
+import functools
 import os
 import shutil
 import socket
@@ -236,18 +237,13 @@ def loopback_seconds(state: dict, times: int) -> float:
     """The floor: serialize `state` as NVFlare's tensor downloader does (safetensors), move it through a loopback
     socket, and load it back, `times` times, in one process."""
     server = socket.create_server(("127.0.0.1", 0))
-    received = []
 
     def receive() -> None:
         for _ in range(times):
             connection, _ = server.accept()
             with connection:
-                chunks = []
-                while chunk := connection.recv(1 << 22):
-                    chunks.append(chunk)
-            received.append(load(b"".join(chunks)))
-            chunks.clear()
-            received.clear()
+                data = b"".join(iter(functools.partial(connection.recv, 1 << 22), b""))
+            load(data)  # back to tensors, as the receiver does
 
     reader = threading.Thread(target=receive)
     started = time.perf_counter()

@@ -60,17 +60,9 @@ def points(n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
     return {"x": centres[y] + torch.randn(n, 16, generator=generator), "y": y}
 
 
-def test_the_doc_has_every_file_it_names_and_a_short_trainer():
-    blocks = doc_blocks()
-    assert set(blocks) == {"my_model.py", "my_trainer.py", "job.py"}
-    # A trainer of its own, Dataset included, in about 60 lines of code.
-    assert sum(1 for line in blocks["my_trainer.py"].splitlines() if line.strip()) <= 60
-    assert "data" not in re.findall(r"^(?:from|import) (\w+)", blocks["my_trainer.py"], re.M)  # none of data.py
-
-
-@pytest.mark.e2e
-def test_the_doc_makes_a_trainer_of_your_own_that_learns(tmp_path):
-    your_project(tmp_path / "yours", doc_blocks())
+def run_points_job(tmp_path, blocks: dict[str, str]) -> tuple[subprocess.CompletedProcess, str]:
+    """Your project made from `blocks`, run for 3 rounds of 1 epoch on the doc's points: (the run, its workspace)."""
+    your_project(tmp_path / "yours", blocks)
     data = tmp_path / "data"
     data.mkdir()
     g = torch.Generator().manual_seed(1)
@@ -81,6 +73,20 @@ def test_the_doc_makes_a_trainer_of_your_own_that_learns(tmp_path):
     result = run_your_job(
         tmp_path / "yours", "--num_rounds", "3", "--epochs", "1", "--data_root", str(data), "--workspace", workspace
     )
+    return result, workspace
+
+
+def test_the_doc_has_every_file_it_names_and_a_short_trainer():
+    blocks = doc_blocks()
+    assert set(blocks) == {"my_model.py", "my_trainer.py", "job.py"}
+    # A trainer of its own, Dataset included, in about 60 lines of code.
+    assert sum(1 for line in blocks["my_trainer.py"].splitlines() if line.strip()) <= 60
+    assert "data" not in re.findall(r"^(?:from|import) (\w+)", blocks["my_trainer.py"], re.M)  # none of data.py
+
+
+@pytest.mark.e2e
+def test_the_doc_makes_a_trainer_of_your_own_that_learns(tmp_path):
+    result, workspace = run_points_job(tmp_path, doc_blocks())
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "site-1: 2 rank(s) on the CPU" in result.stdout and "site-2: 2 rank(s) on the CPU" in result.stdout
     rounds = round_metrics(workspace)
@@ -112,16 +118,7 @@ def test_the_sharding_block_replaces_the_one_ddp_line():
 def test_the_doc_sharded_with_fsdp2_in_bf16_learns_and_sends_float32(tmp_path):
     blocks = doc_blocks()
     blocks["my_trainer.py"] = blocks["my_trainer.py"].replace("ddp = DDP(model)\n", sharding_block())
-    your_project(tmp_path / "yours", blocks)
-    data = tmp_path / "data"
-    data.mkdir()
-    g = torch.Generator().manual_seed(1)
-    torch.save(points(2002, g), data / "train.pt")
-    torch.save(points(1000, g), data / "test.pt")
-    workspace = str(tmp_path / "ws")
-    result = run_your_job(
-        tmp_path / "yours", "--num_rounds", "3", "--epochs", "1", "--data_root", str(data), "--workspace", workspace
-    )
+    result, workspace = run_points_job(tmp_path, blocks)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rounds = round_metrics(workspace)
     assert [len(r["sites"]) for r in rounds] == [2, 2, 2]
