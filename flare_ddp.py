@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 from nvflare.apis.fl_constant import FLMetaKey
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
-from torch.distributed.tensor import DTensor
+from torch.distributed.fsdp import FSDPModule
 
 # The kinds of task NVFlare's PyTorch recipes send a trainer.
 TRAIN = "train"  # FedAvg's round: train from the global weights, send the new weights
@@ -72,7 +72,7 @@ class Task:
         if self.answered:
             raise RuntimeError(f"the {self.kind} task of round {self.round} was answered already")
         self.answered = True
-        if params is not None and any(isinstance(t, DTensor) for t in params.values()):
+        if params is not None and _reshard(self.model):
             full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
             params = {name: full[name] for name in params} if dist.get_rank() == 0 else None
         if dist.get_rank() != 0:
@@ -96,6 +96,8 @@ def tasks(model: torch.nn.Module):
     `model` is the plain module under DDP, or the root module sharded with fully_shard (FSDP2)."""
     if _control is None:
         raise RuntimeError("call flare_ddp.init() on every rank before flare_ddp.tasks()")
+    if _reshard(model):
+        model.register_forward_hook(_reshard_unless_training)
     task = None
     while True:
         if task is not None and not task.answered:
@@ -114,14 +116,34 @@ def tasks(model: torch.nn.Module):
 
 
 def _load(model: torch.nn.Module, weights: dict | None) -> None:
-    """Every rank: rank 0's received weights (None elsewhere) into `model` on every rank."""
-    if any(isinstance(p, DTensor) for p in model.parameters()):  # sharded: each rank takes its shard of rank 0's
+    """Every rank: rank 0's received weights (None elsewhere) into `model` on every rank, in place: the parameter
+    objects stay the same, so an optimizer built before the task keeps stepping them."""
+    if _reshard(model):  # sharded: each rank takes its shard of rank 0's
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
         set_model_state_dict(model, weights if dist.get_rank() == 0 else {}, options=options)
         return
     if dist.get_rank() == 0:
         model.load_state_dict(weights)
-    _broadcast(list(model.state_dict().values()))
+    tensors = {id(t): t for t in model.state_dict().values()}  # a tied pair (one tensor, two keys) goes once
+    _broadcast(list(tensors.values()))
+
+
+def _reshard(model: torch.nn.Module) -> bool:
+    """Whether `model` is sharded with fully_shard; if so, every sharded unit in it is put back into its shards.
+
+    FSDP2 leaves the root's own parameters (embeddings, final norm, head in a transformer) gathered after a forward
+    with no backward after it, such as an evaluation: they are then plain tensors in place of the shards, which
+    torch's state-dict calls refuse, and which an optimizer built then would hold and never step."""
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.reshard()
+    return bool(units)
+
+
+def _reshard_unless_training(model: torch.nn.Module, inputs, output) -> None:
+    """After a forward of the sharded model that no backward follows (no gradients, or eval mode): its shards back."""
+    if not (torch.is_grad_enabled() and model.training):
+        _reshard(model)
 
 
 # Small tensors go from rank 0 to the others in buckets of up to this many bytes, one broadcast a bucket: on 2 gloo

@@ -1,7 +1,10 @@
-"""flare_ddp's own collectives, on 2 real gloo ranks under torchrun (no NVFlare server needed)."""
+"""flare_ddp's own collectives and its tasks, on real gloo ranks under torchrun (no NVFlare server needed)."""
 
+import os
 import subprocess
 import sys
+
+import pytest
 
 from conftest import OWN_NETWORK, ROOT, venv_env
 
@@ -40,3 +43,23 @@ def test_broadcast_in_buckets_gives_every_rank_rank_0s_tensors_in_place(tmp_path
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for rank in (0, 1):
         assert f"rank {rank}: all 53 tensors match" in result.stdout
+
+
+TRANSFORMER_SITE = os.path.join(ROOT, "tests", "transformer_site")
+
+
+@pytest.mark.parametrize("mode, ranks", [("ddp", 3), ("fsdp", 3), ("hsdp", 4)])
+def test_the_bridge_loads_and_sends_a_tied_transformer_whatever_state_a_forward_left(mode, ranks, tmp_path):
+    # tests/transformer_site/bridge_on_ranks.py: TinyLM (embeddings, final norm and a tied head at the root) under
+    # DDP, FSDP2 (each block, then the root) or hybrid FSDP2 on 2 x 2 ranks. Each task comes after a forward with no
+    # backward; the weights load into the same parameter objects, the tie holds, an optimizer built before the task
+    # and one built after the evaluation both step every parameter, and what is sent is the full model.
+    result = subprocess.run(
+        [*OWN_NETWORK, sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
+         "--log-dir", "/dev/null", os.path.join(TRANSFORMER_SITE, "bridge_on_ranks.py"), mode],
+        env=venv_env(PYTHONPATH=os.pathsep.join([ROOT, TRANSFORMER_SITE])), capture_output=True, text=True,
+        timeout=180, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for rank in range(ranks):
+        assert f"{mode} rank {rank}: every check holds" in result.stdout

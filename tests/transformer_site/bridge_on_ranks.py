@@ -1,0 +1,117 @@
+"""Run by tests/test_flare_ddp.py under torchrun: flare_ddp's tasks, loads and sends on real gloo ranks, with TinyLM
+under DDP, FSDP2 or hybrid FSDP2 (argv[1]), and a stand-in for NVFlare's Client API on rank 0 that hands out a TRAIN,
+a VALIDATE and a SUBMIT_MODEL task and keeps what is sent. Prints one line a rank when every check holds."""
+
+import copy
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import flare_ddp
+from my_transformer import VOCAB, TinyLM, next_token_data, shard
+
+mode = sys.argv[1]
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+flare_ddp._control = dist.new_group(backend="gloo")  # what flare_ddp.init() makes, without NVFlare's handshake
+
+# The server's side: two sets of weights to hand out, and the results sent back.
+sent_weights = [TinyLM(seed=1).state_dict(), TinyLM(seed=2).state_dict()]
+expected = [{k: v.clone() for k, v in w.items()} for w in sent_weights]  # loading may replace the dict's values
+script = [([1, 3, 2, 1], sent_weights[0]), ([2, 0, 0, 1], sent_weights[1]), ([3, 0, 0, 0], None), ([0] * 4, None)]
+received = []
+flare_ddp._receive = lambda: script.pop(0)
+flare_ddp.flare.send = lambda result: received.append(copy.deepcopy(result))  # as it was when sent
+
+model = TinyLM()
+if mode == "ddp":
+    trainer = DDP(model)
+elif mode == "fsdp":
+    trainer = shard(model)
+else:  # 2 "nodes": replicated across them, sharded within each
+    trainer = shard(model, init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("nodes", "ranks")))
+kept = torch.optim.AdamW(model.parameters(), lr=0.01)  # built once, before the first task
+parameters = [id(p) for p in model.parameters()]
+x = next_token_data(12, seed=rank)
+
+
+def full_state() -> dict:
+    """A copy of the full weights, on rank 0 (a collective under FSDP)."""
+    if mode == "ddp":
+        full = model.state_dict()
+    else:
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.clone() for k, v in full.items()}
+
+
+def step(optimizer) -> None:
+    trainer.train()
+    loss = F.cross_entropy(trainer(x)[:, :-1].reshape(-1, VOCAB), x[:, 1:].reshape(-1))
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+
+
+def evaluate() -> None:
+    model.eval()
+    with torch.no_grad():
+        model(x)
+
+
+def check(condition: bool, what: str) -> None:
+    if not condition:
+        raise AssertionError(f"{mode} rank {rank}: {what}")
+
+
+def check_every_parameter_moved(before: dict, after: dict, by: str) -> None:
+    if rank == 0:
+        still = [k for k in before if before[k].is_floating_point() and torch.equal(before[k], after[k])]
+        check(not still, f"{by} did not change {still}")
+
+
+evaluate()  # a forward with no backward before the first task (an evaluation, a warm-up)
+for task in flare_ddp.tasks(model):
+    check(model.head.weight is model.embed.weight, f"the tie broke at the {task.kind} task")
+    check([id(p) for p in model.parameters()] == parameters, "a load replaced parameter objects")
+    if task.kind == flare_ddp.SUBMIT_MODEL:
+        evaluate()
+        task.send(params=model.state_dict())
+        continue
+    loaded = full_state()
+    want = expected[0 if task.kind == flare_ddp.TRAIN else 1]
+    if rank == 0:
+        check(loaded.keys() == want.keys(), f"keys {sorted(loaded.keys() ^ want.keys())}")
+        check(all(torch.equal(loaded[k], want[k]) for k in want), f"the {task.kind} weights were not loaded")
+    evaluate()  # the received weights scored first ...
+    if task.kind == flare_ddp.VALIDATE:
+        task.send(metrics={"accuracy": 0.5})
+        continue
+    after_eval = torch.optim.SGD(trainer.parameters(), lr=0.1)  # ... and the optimizer built after that
+    if mode != "ddp":
+        check(all(isinstance(p, DTensor) for g in after_eval.param_groups for p in g["params"]), "plain tensors")
+    step(after_eval)
+    moved = full_state()
+    check_every_parameter_moved(loaded, moved, "the optimizer built after an evaluation")
+    step(kept)
+    check_every_parameter_moved(moved, full_state(), "the optimizer built before the task")
+    evaluate()  # the local model scored before it is sent
+    before_send = full_state()
+    task.send(params=model.state_dict(), weight=3)
+
+if rank == 0:
+    train_result, validate_result, submitted = received
+    check(train_result.params.keys() == before_send.keys(), "the sent keys")
+    check(all(torch.equal(train_result.params[k], before_send[k]) for k in before_send), "the sent weights")
+    check(train_result.params["steps"].dtype == torch.int64 and train_result.params["steps"] > 0, "the step count")
+    check(validate_result.params is None and validate_result.metrics == {"accuracy": 0.5}, "the validate result")
+    check(all(torch.equal(submitted.params[k], expected[1][k]) for k in expected[1]), "the submitted model")
+print(f"{mode} rank {rank}: every check holds", flush=True)
+dist.destroy_process_group()
+os._exit(0)  # past gloo's threads, which can abort a normal interpreter exit
