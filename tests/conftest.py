@@ -63,9 +63,10 @@ def venv_env(gpus: bool = False, **extra) -> dict:
     return env
 
 
-def job_command(*args, net: list[str] | None = None) -> list[str]:
-    """`python job.py ARGS` in a network of its own, or in `net` (a Poc's)."""
-    return [*(net or OWN_NETWORK), sys.executable, os.path.join(ROOT, "job.py"), *args]
+def job_command(*args, net: list[str] | None = None, folder: str = ROOT) -> list[str]:
+    """`python job.py ARGS` (folder's job.py: this project's, or a copy) in a network of its own, or in `net` (a
+    Poc's)."""
+    return [*(net or OWN_NETWORK), sys.executable, os.path.join(folder, "job.py"), *args]
 
 
 def run_job(*args, timeout=600, gpus=False, net=None, **env) -> subprocess.CompletedProcess:
@@ -81,15 +82,18 @@ def run_job(*args, timeout=600, gpus=False, net=None, **env) -> subprocess.Compl
     )
 
 
-def jobs_at_once(folder, jobs: dict[str, list[str]], timeout=600) -> dict[str, subprocess.CompletedProcess]:
-    """The real `python job.py ARGS` for each name's ARGS, all started at once in one network of their own, as a
-    user may start them side by side: each name's finished process."""
+def jobs_at_once(
+    folder, jobs: dict[str, list[str]], timeout=600, project: str = ROOT
+) -> dict[str, subprocess.CompletedProcess]:
+    """The real `python job.py ARGS` (project's job.py) for each name's ARGS, all started at once in one network of
+    their own, as a user may start them side by side: each name's finished process."""
     running = {}
     with network_namespace(folder) as net:
         try:
             for name, args in jobs.items():
-                running[name] = subprocess.Popen(job_command(*args, net=net), cwd=ROOT, env=venv_env(),
-                                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                running[name] = subprocess.Popen(job_command(*args, net=net, folder=project), cwd=project,
+                                                 env=venv_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                                 text=True)  # fmt: skip
             done = {}
             for name, job in running.items():
                 stdout, stderr = job.communicate(timeout=timeout)
