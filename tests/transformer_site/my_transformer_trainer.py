@@ -70,7 +70,7 @@ for task in flare_ddp.tasks(model):
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-    metrics = {"accuracy": accuracy, "train_loss": loss.item()}
+    metrics = {"accuracy": accuracy, "local_accuracy": evaluate(), "train_loss": loss.item()}
     task.send(params=model.state_dict(), metrics=metrics, weight=args.epochs * len(train_set))
 dist.destroy_process_group()
 os._exit(0)
