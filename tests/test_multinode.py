@@ -21,6 +21,7 @@ from pathlib import Path
 from zipfile import ZipFile
 
 import pytest
+import torch
 from nvflare.apis.workspace import Workspace
 from nvflare.app_opt.job_launcher.slurm.batch import _render_node_script
 from nvflare.app_opt.job_launcher.slurm.config import LaunchPlan
@@ -42,6 +43,14 @@ from conftest import (
 from data import BATCH_DIR, read_pickle, write_pickle
 from job import JOB_NAME
 from local_run.results import read_rounds
+from test_transformer import (
+    assert_learns_next_tokens,
+    assert_same_model_and_every_parameter_trained,
+    comparison,
+    full_matrix,
+    global_model,
+    transformer_project,
+)
 
 NODE_GROUP = {"NVFL_NNODES": "2", "NVFL_MASTER_ADDR": "127.0.0.1", "NVFL_MASTER_PORT": "7870", "NVFL_RUN_ID": "1"}
 # What every POC process gets: one CPU thread a rank (3 ranks share this machine's cores; torchrun sets this only
@@ -118,12 +127,14 @@ def poc(tmp_path_factory):
         yield system
 
 
-def wait_for_new_job(project: str, site: str, known: set[str], job: subprocess.Popen, timeout: float = 180) -> str:
+def wait_for_new_job(
+    project: str, site: str, known: set[str], job: subprocess.Popen, script: str, timeout: float = 180
+) -> str:
     """The folder of the job that NVFlare deploys to `site` of a POC's `project` next (one not in `known`), once its
-    app is there."""
+    app's `script` is there."""
     deadline = time.monotonic() + timeout
     while True:
-        scripts = glob.glob(os.path.join(project, site, "*", f"app_{site}", "custom", "client.py"))
+        scripts = glob.glob(os.path.join(project, site, "*", f"app_{site}", "custom", script))
         new = [str(Path(script).parents[2]) for script in scripts if str(Path(script).parents[2]) not in known]
         if new:
             return new[0]
@@ -153,19 +164,22 @@ def node_script(job_dir: str, site: str) -> str:
     return _render_node_script(plan, None)  # the config is read only for Apptainer
 
 
-def run_two_node_job(poc, data_root: str, tmp_path, **node_1_env) -> dict:
-    """`job.py --env prod --slurm_nodes 2 ...` against the POC, with site-1's node 1 started by NVFlare's Slurm
-    node script. Returns job.py's and node 1's exit codes and output, and site-1's job folder."""
+def run_two_node_job(
+    poc, tmp_path, *flags, project: str = ROOT, script: str = "client.py", ranks_a_node: int = 1, **node_1_env
+) -> dict:
+    """`job.py --env prod --slurm_nodes 2 FLAGS` (project's job.py, whose sites run `script`) against the POC, with
+    site-1's node 1 started by NVFlare's Slurm node script. Returns job.py's and node 1's exit codes and output, and
+    site-1's job folder."""
     known = {os.path.dirname(p) for p in glob.glob(os.path.join(poc.project, "site-1", "*", "meta.json"))}
     out, err, node_log = (open(tmp_path / name, "w+") for name in ("job.out", "job.err", "node1.log"))
     job = subprocess.Popen(
-        job_command("--env", "prod", "--startup_kit", poc.kit, *SLURM_FLAGS, "--num_rounds", str(ROUNDS),
-                    "--data_root", data_root, "--workspace", str(tmp_path), net=poc.net),
-        cwd=ROOT, env=venv_env(), stdout=out, stderr=err,
+        job_command("--env", "prod", "--startup_kit", poc.kit, "--slurm_nodes", "2", "--slurm_gpus_per_node",
+                    str(ranks_a_node), *flags, "--workspace", str(tmp_path), net=poc.net, folder=project),
+        cwd=project, env=venv_env(), stdout=out, stderr=err,
     )  # fmt: skip
     node_1 = job_dir = None
     try:
-        job_dir = wait_for_new_job(poc.project, "site-1", known, job)
+        job_dir = wait_for_new_job(poc.project, "site-1", known, job, script)
         # What srun runs on every node of the allocation, with node 1's SLURM_NODEID and the group's variables.
         node_1 = subprocess.Popen(
             [*poc.net, "bash", "-c", node_script(job_dir, "site-1")], env=venv_env(**QUIET, **NODE_GROUP,
@@ -191,7 +205,7 @@ def run_two_node_job(poc, data_root: str, tmp_path, **node_1_env) -> dict:
 @pytest.mark.e2e
 @pytest.mark.xdist_group("two_nodes")  # the tests of one POC run in one worker, which starts it once
 def test_a_site_on_two_nodes_trains_over_both(poc, synthetic_root, tmp_path):
-    run = run_two_node_job(poc, synthetic_root, tmp_path)
+    run = run_two_node_job(poc, tmp_path, "--num_rounds", str(ROUNDS), "--data_root", synthetic_root)
     assert run["code"] == 0, run["stdout"][-3000:] + run["stderr"][-3000:]
     assert "ended with status FINISHED:COMPLETED" in run["stdout"]
     assert run["node_1_code"] == 0, run["node_1_log"][-3000:]
@@ -213,7 +227,9 @@ def test_a_site_on_two_nodes_trains_over_both(poc, synthetic_root, tmp_path):
 @pytest.mark.e2e
 @pytest.mark.xdist_group("two_nodes")
 def test_node_1_killed_mid_round_ends_the_job(poc, synthetic_root, tmp_path):
-    run = run_two_node_job(poc, synthetic_root, tmp_path, DDP_EXAMPLE_FAULT="site-1:1:1:kill")
+    run = run_two_node_job(
+        poc, tmp_path, "--num_rounds", str(ROUNDS), "--data_root", synthetic_root, DDP_EXAMPLE_FAULT="site-1:1:1:kill"
+    )
     assert run["code"] == 1, run["stdout"][-3000:] + run["stderr"][-3000:]
     assert run["node_1_code"] != 0
     # job.py's summary, as for any rank that fails on a system it submitted to: the round, and the model kept.
@@ -262,3 +278,34 @@ def test_nodes_that_loaded_different_data_end_the_site_at_once_naming_what_diffe
         assert line.group(1).startswith("labels' sha256: ") and ";" not in line.group(1), line.group(1)
         assert f"on rank 0 ({host})" in line.group(1) and f"on rank 1 ({host})" in line.group(1)
         assert "peer" not in output
+
+
+@pytest.mark.e2e
+@pytest.mark.xdist_group("two_nodes")
+def test_a_transformer_hybrid_sharded_over_two_nodes_reaches_ddps_global_model(poc, tmp_path):
+    # site-1: 2 nodes x 2 ranks, TinyLM sharded over each node's 2 ranks and replicated across the nodes (a 2-D
+    # mesh); site-2: 2 ranks on one node. Beside it, in the simulator, the same job with DDP on 4 and 2 ranks.
+    project = transformer_project(tmp_path / "project", keep_optimizer=False)
+    flags = comparison(tmp_path)
+    reference = subprocess.Popen(
+        job_command(*flags, "--nproc_per_node", "4,2", "--workspace", str(tmp_path / "ddp"), folder=project),
+        cwd=project, env=venv_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        run = run_two_node_job(
+            poc, tmp_path, *flags, "--fsdp", project=project, script="my_transformer_trainer.py", ranks_a_node=2
+        )
+        ddp_out, ddp_err = reference.communicate(timeout=600)
+    finally:
+        reference.kill()
+    assert run["code"] == 0, run["stdout"][-3000:] + run["stderr"][-3000:]
+    assert run["node_1_code"] == 0, run["node_1_log"][-3000:]
+    assert reference.returncode == 0, ddp_out[-3000:] + ddp_err[-3000:]
+    workspace = os.path.join(run["stdout"].split("; result: ")[1].splitlines()[0], "workspace")
+    hybrid = torch.load(os.path.join(workspace, "app_server", "FL_global_model.pt"), weights_only=True)["model"]
+    assert_same_model_and_every_parameter_trained(hybrid, global_model(str(tmp_path / "ddp")))
+    matrix = full_matrix(os.path.join(workspace, "cross_site_val", "cross_val_results.json"))
+    assert_learns_next_tokens(read_rounds(workspace), matrix["site-1"]["SRV_FL_global_model.pt"]["accuracy"])
+    with open(os.path.join(run["job_dir"], "log.txt")) as f:
+        assert "site-1: FSDP2 over 2 node(s) x 2 rank(s)" in f.read()
+    assert processes_left(run["job_dir"]) == []

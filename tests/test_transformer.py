@@ -78,7 +78,7 @@ def full_matrix(path: str) -> dict:
     return matrix
 
 
-def assert_learns(rounds: list[dict], final: float) -> None:
+def assert_learns_next_tokens(rounds: list[dict], final: float) -> None:
     """From the initial model (round 0's accuracy) to the final one, next-token accuracy climbs well above chance
     (1 in 16)."""
     initial = metric(rounds[0]["aggregated_metrics"], "accuracy")
@@ -116,7 +116,7 @@ def test_fsdp_and_ddp_reach_the_same_global_model_and_every_parameter_trains(sid
         assert run.returncode == 0, name + run.stdout[-3000:] + run.stderr[-3000:]
         rounds = round_metrics(workspace)
         assert [sorted(s["name"] for s in r["sites"]) for r in rounds] == [SITES, SITES]
-        assert_learns(rounds, cross_site_matrix(workspace)["site-1"]["SRV_FL_global_model.pt"]["accuracy"])
+        assert_learns_next_tokens(rounds, cross_site_matrix(workspace)["site-1"]["SRV_FL_global_model.pt"]["accuracy"])
         assert_clean(workspace)
     assert_same_model_and_every_parameter_trained(*(global_model(side_by_side[n][1]) for n in ("fsdp", "ddp")))
 
@@ -159,5 +159,7 @@ def test_an_optimizer_kept_across_rounds_learns_under_ddp_and_fsdp_in_bf16(tmp_p
     for name, workspace in workspaces.items():
         assert runs[name].returncode == 0, name + runs[name].stdout[-3000:] + runs[name].stderr[-3000:]
         rounds = round_metrics(workspace)
-        assert_learns(rounds, metric(rounds[-1]["aggregated_metrics"], "accuracy"))  # round 2 starts from it
+        assert_learns_next_tokens(
+            rounds, metric(rounds[-1]["aggregated_metrics"], "accuracy")
+        )  # round 2 starts from it
         assert_clean(workspace)

@@ -35,6 +35,8 @@ if args.fsdp:
     nodes = world // int(os.environ["LOCAL_WORLD_SIZE"])  # several nodes: replicate across them, shard within each
     mesh = init_device_mesh("cpu", (nodes, world // nodes), mesh_dim_names=("nodes", "ranks")) if nodes > 1 else None
     trainer = shard(model, mesh, bf16=KEEP_OPTIMIZER)
+    if rank == 0:
+        print(f"{args.site}: FSDP2 over {nodes} node(s) x {world // nodes} rank(s)", flush=True)
 else:
     trainer = DDP(model)
 optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr) if KEEP_OPTIMIZER else None
