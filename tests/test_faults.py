@@ -80,10 +80,11 @@ def test_fault_ends_the_job_naming_site_rank_and_phase(phase, kind, small_root, 
     assert processes_of(workspace) == []
 
 
-@pytest.mark.parametrize("phase", ["1", "send"])
-def test_fsdp_rank_killed_in_a_round_or_in_the_gather_before_a_send_ends_the_job(phase, small_root, tmp_path):
+@pytest.mark.parametrize("phase", ["1", "send", "eval"])
+def test_fsdp_rank_killed_in_a_round_in_the_gather_or_in_the_evaluation_ends_the_job(phase, small_root, tmp_path):
     # `1`: as round 1's task arrives, before its weights go into the shards; `send`: as round 1's result is sent,
-    # while rank 0 waits in the gather of the full weights.
+    # while rank 0 waits in the gather of the full weights; `eval`: as the final evaluation's VALIDATE task arrives,
+    # while rank 0 runs the sharded model's forward, which gathers each layer from every rank.
     workspace = str(tmp_path)
     result = run_job(
         "--fsdp", "--num_rounds", str(ROUNDS), "--data_root", small_root, "--workspace", workspace,
@@ -91,13 +92,12 @@ def test_fsdp_rank_killed_in_a_round_or_in_the_gather_before_a_send_ends_the_job
     )  # fmt: skip
     ended = time.time()
 
+    said, kept_round = PHASES["1" if phase == "send" else phase]
     assert result.returncode == 1, result.stderr[-3000:]
     injected = log_times(os.path.join(workspace, JOB_NAME, "site-2", "log.txt"), "injecting fault")
     assert injected and ended - injected[0] < 60
-    assert f"ERROR: the job stopped in round 1 of {ROUNDS}: site-2 rank 1 failed (exit code -9 (SIGKILL)). " in (
-        result.stderr
-    )
-    assert_kept(result.stderr, workspace, 0)
+    assert f"ERROR: the job stopped {said}: site-2 rank 1 failed (exit code -9 (SIGKILL)). " in result.stderr
+    assert_kept(result.stderr, workspace, kept_round)
     assert processes_of(workspace) == []
 
 
