@@ -28,7 +28,10 @@ so every rank starts the task from the same weights. This is what NVFlare's Ligh
 (nvflare/app_opt/lightning/api.py) does for Lightning. A sharded model takes the weights through torch's
 `set_model_state_dict(..., broadcast_from_rank0=True)`, each rank keeping its shard, and its `send` gathers the full
 weights onto rank 0's CPU with `get_model_state_dict(..., full_state_dict=True, cpu_offload=True)`: a collective,
-which is why every rank calls `send`."""
+which is why every rank calls `send`. FSDP2 leaves the root's own parameters (a transformer's embeddings, final norm
+and head) gathered after a forward pass that no backward pass follows; the bridge puts them back into their shards
+before each load and gather, and after such a forward pass, so that an evaluation never breaks the next load and an
+optimizer built after it holds the shards."""
 
 from dataclasses import dataclass, field
 from datetime import timedelta
