@@ -190,15 +190,38 @@ def diagnose(workspace: str, site: str) -> str | None:
 
 
 def killed(what: str, signum: int, pid: int | None) -> str:
-    """A process of the run, `what`, ended by a signal: the signal, and for a SIGKILL of process `pid`, that memory
-    ran out where the kernel's log says so."""
+    """A process of the run, `what`, ended by a signal: the signal, and for a SIGKILL of process `pid`, whether memory
+    ran out: from the kernel's log where this user may read it (root), otherwise from the kernel's count of OOM
+    kills, which anyone may read, against its count when the run began."""
     said = f"{what} failed (exit code -{signum} ({signal.Signals(signum).name}))"
-    oom = killed_for_memory(pid) if signum == signal.SIGKILL and pid else False
-    if oom is None:
-        return f"{said}, and the kernel's log can't be read here: if memory ran out, `dmesg` says so"
+    if signum != signal.SIGKILL or not pid:
+        return said
+    oom = killed_for_memory(pid)
     if oom:
         return f"{said}: memory ran out, and the kernel's OOM killer ended it (docs/performance.md, Large models)"
+    if oom is None:
+        now = oom_kills()
+        if now is None or OOM_KILLS_AT_START is None:
+            return f"{said}, and the kernel's log can't be read here: if memory ran out, `dmesg` says so"
+        if now > OOM_KILLS_AT_START:
+            return (
+                f"{said}: memory likely ran out: the kernel's OOM killer ended {now - OOM_KILLS_AT_START} process(es) "
+                "on this machine during the run (`dmesg`, as root, names them; docs/performance.md, Large models)"
+            )
     return said
+
+
+def oom_kills() -> int | None:
+    """How many processes the kernel's OOM killer has ended since boot (/proc/vmstat, readable by any user)."""
+    try:
+        with open("/proc/vmstat") as f:
+            counts = dict(line.split() for line in f)
+    except (OSError, ValueError):
+        return None
+    return int(counts["oom_kill"]) if "oom_kill" in counts else None
+
+
+OOM_KILLS_AT_START = oom_kills()  # as the run begins: job.py imports this module when it starts a local run
 
 
 def killed_for_memory(pid: int) -> bool | None:

@@ -35,12 +35,14 @@ def pytest_collection_modifyitems(items):
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 NVFLARE = os.path.join(os.path.dirname(sys.executable), "nvflare")
 # Every real run gets a network of its own, a namespace with nothing but loopback: the ports it listens on (a fixed
-# --master_port, a POC's 8002 and 8003) never meet another test's, nor those of another copy of the suite.
-# LOOPBACK_UP raises loopback, which a new namespace starts without, and runs the rest of its command line (no `ip`
-# needed: a GPU machine may lack it).
+# --master_port, a POC's 8002 and 8003) never meet another test's, nor those of another copy of the suite. Root makes
+# namespaces directly; a normal user makes a user namespace first, in which it is root: Linux allows that by default
+# (unprivileged user namespaces). LOOPBACK_UP raises loopback, which a new namespace starts without, and runs the rest
+# of its command line (no `ip` needed: a GPU machine may lack it).
+UNSHARE = ["unshare"] if os.geteuid() == 0 else ["unshare", "--user", "--map-root-user"]
 LOOPBACK_UP = [sys.executable, "-c", "import fcntl, os, socket, struct, sys; fcntl.ioctl(socket.socket(), 0x8914, "
                "struct.pack('16sH', b'lo', 0x41)); os.execvp(sys.argv[1], sys.argv[1:])"]  # fmt: skip
-OWN_NETWORK = ["unshare", "--net", *LOOPBACK_UP]
+OWN_NETWORK = [*UNSHARE, "--net", *LOOPBACK_UP]
 POC_PROJECT = os.path.join("example_project", "prod_00")  # in a POC workspace: a folder per participant
 
 
@@ -83,12 +85,12 @@ def run_job(*args, timeout=600, gpus=False, net=None, **env) -> subprocess.Compl
 
 
 def jobs_at_once(
-    folder, jobs: dict[str, list[str]], timeout=600, project: str = ROOT
+    jobs: dict[str, list[str]], timeout=600, project: str = ROOT
 ) -> dict[str, subprocess.CompletedProcess]:
     """The real `python job.py ARGS` (project's job.py) for each name's ARGS, all started at once in one network of
     their own, as a user may start them side by side: each name's finished process."""
     running = {}
-    with network_namespace(folder) as net:
+    with network_namespace() as net:
         try:
             for name, args in jobs.items():
                 running[name] = subprocess.Popen(job_command(*args, net=net, folder=project), cwd=project,
@@ -153,17 +155,20 @@ class Poc:
 
 
 @contextlib.contextmanager
-def network_namespace(folder):
-    """A network namespace with nothing but loopback, kept in folder/net for the several commands of one run (a POC
-    and the CLI calls to it, two jobs side by side); yields the prefix that runs a command in it."""
-    path = os.path.join(str(folder), "net")
-    open(path, "w").close()
-    subprocess.run(["unshare", f"--net={path}", "true"], check=True)
+def network_namespace():
+    """A network namespace with nothing but loopback, for the several commands of one run (a POC and the CLI calls to
+    it, two jobs side by side), held open by a process that waits in it; yields the prefix that runs a command in
+    it."""
+    holder = subprocess.Popen(
+        [*OWN_NETWORK, sys.executable, "-c", "import signal; print('up', flush=True); signal.pause()"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
     try:
-        subprocess.run(["nsenter", f"--net={path}", *LOOPBACK_UP, "true"], check=True)
-        yield ["nsenter", f"--net={path}"]
+        assert holder.stdout.readline() == "up\n", "no network namespace could be made"
+        yield ["nsenter", f"--target={holder.pid}", *(["--user"] if os.geteuid() != 0 else []), "--net"]
     finally:
-        subprocess.run(["umount", path], check=False)
+        holder.kill()
+        holder.wait()
 
 
 @contextlib.contextmanager
@@ -171,7 +176,7 @@ def poc_system(folder, env_of: dict[str, dict] | None = None):
     """A POC system of a server and site-1, site-2 in `folder`, started with the CLI as a user would: each
     participant with `nvflare poc start -p NAME` and its own environment (env_of[NAME], if any). Stopped and cleaned
     whatever happens; yields the Poc."""
-    with network_namespace(folder) as net:
+    with network_namespace() as net:
         poc = Poc(os.path.join(str(folder), "poc"), net)
         prepared = poc.nvflare("poc", "prepare", "-n", "2", "--force", cwd=folder, timeout=120)
         assert prepared.returncode == 0, prepared.stderr

@@ -28,7 +28,6 @@ def fsdp_and_ddp(small_root, tmp_path_factory) -> dict:
     flags = ["--num_rounds", "2", "--lr", "0.01", "--data_root", small_root, "--cross_site_eval"]
     workspaces = {name: str(folder / name) for name in ("fsdp", "ddp")}
     done = jobs_at_once(
-        folder,
         {
             "fsdp": [*flags, "--initial_model", initial, "--workspace", workspaces["fsdp"], "--fsdp"],
             "ddp": [*flags, "--initial_model", initial, "--workspace", workspaces["ddp"]],

@@ -18,6 +18,7 @@ import torch
 
 from conftest import (
     ROOT,
+    UNSHARE,
     WritesMarker,
     accuracy_as_the_sites_measure,
     assert_clean,
@@ -66,7 +67,6 @@ def default_runs(synthetic_root, tmp_path_factory) -> dict:
     roots = {"plain": synthetic_root, "spaced": str(spaced_root)}
     workspaces = {name: str(folder / name) for name in roots}
     done = jobs_at_once(
-        folder,
         {
             name: ["--num_rounds", "3", "--data_root", root, "--workspace", workspaces[name]]
             for name, root in roots.items()
@@ -456,7 +456,7 @@ def test_a_local_run_listens_on_loopback_only_but_for_torchruns_store(small_root
     setup = f'ip link set lo up && ip addr add 198.51.100.1/32 dev lo && mount --bind {hosts} /etc/hosts && exec "$@"'
     workspace = str(tmp_path / "ws")
     job = subprocess.Popen(
-        ["unshare", "--net", "--mount", "sh", "-c", setup, "sh", sys.executable, os.path.join(ROOT, "job.py"),
+        [*UNSHARE, "--net", "--mount", "sh", "-c", setup, "sh", sys.executable, os.path.join(ROOT, "job.py"),
          "--num_rounds", "2", "--data_root", small_root, "--workspace", workspace, "--master_port", "7875"],
         cwd=ROOT, env=venv_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip

@@ -100,7 +100,6 @@ def side_by_side(tmp_path_factory) -> dict:
     flags = [*RANKS, *comparison(folder)]
     workspaces = {name: str(folder / name) for name in ("ddp", "fsdp")}
     runs = jobs_at_once(
-        folder,
         {
             "ddp": [*flags, "--workspace", workspaces["ddp"]],
             "fsdp": [*flags, "--workspace", workspaces["fsdp"], "--fsdp"],
@@ -149,7 +148,6 @@ def test_an_optimizer_kept_across_rounds_learns_under_ddp_and_fsdp_in_bf16(tmp_p
     flags = [*RANKS, "--num_rounds", "3", "--epochs", "1", "--lr", "0.01", "--data_root", data(tmp_path / "data")]
     workspaces = {name: str(tmp_path / name) for name in ("ddp", "fsdp")}
     runs = jobs_at_once(
-        tmp_path,
         {
             "ddp": [*flags, "--workspace", workspaces["ddp"]],
             "fsdp": [*flags, "--workspace", workspaces["fsdp"], "--fsdp"],
