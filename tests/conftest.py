@@ -165,7 +165,8 @@ def network_namespace():
     )  # fmt: skip
     try:
         assert holder.stdout.readline() == "up\n", "no network namespace could be made"
-        yield ["nsenter", f"--target={holder.pid}", *(["--user"] if os.geteuid() != 0 else []), "--net"]
+        user = ["--user", "--preserve-credentials"] if os.geteuid() else []  # setgroups is denied in a user namespace
+        yield ["nsenter", f"--target={holder.pid}", *user, "--net"]
     finally:
         holder.kill()
         holder.wait()
