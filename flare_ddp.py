@@ -54,6 +54,10 @@ TASK_WAIT = timedelta(days=1)
 
 _control = None  # the gloo group the tasks travel on
 
+# In a result's meta: the names left out because their tensor is another name's (tied weights), each with that name.
+# The server's average gives them the tensor again (server_fedavg.py).
+TIED = "ddp_example_tied"
+
 
 @dataclass
 class Task:
@@ -75,13 +79,16 @@ class Task:
         if self.answered:
             raise RuntimeError(f"the {self.kind} task of round {self.round} was answered already")
         self.answered = True
+        tied = {alias: name for alias, name in _ties(self.model).items() if params and {alias, name} <= params.keys()}
         if params is not None and _reshard(self.model):
             full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
             params = {name: full[name] for name in params} if dist.get_rank() == 0 else None
         if dist.get_rank() != 0:
             return
         meta = {} if weight is None else {FLMetaKey.NUM_STEPS_CURRENT_ROUND: weight}
-        cpu_params = None if params is None else {name: t.detach().cpu() for name, t in params.items()}
+        if tied:  # a tied pair travels once
+            meta[TIED] = tied
+        cpu_params = None if params is None else {n: t.detach().cpu() for n, t in params.items() if n not in tied}
         flare.send(flare.FLModel(params=cpu_params, metrics=metrics, meta=meta))
 
 
@@ -121,6 +128,8 @@ def tasks(model: torch.nn.Module):
 def _load(model: torch.nn.Module, weights: dict | None) -> None:
     """Every rank: rank 0's received weights (None elsewhere) into `model` on every rank, in place: the parameter
     objects stay the same, so an optimizer built before the task keeps stepping them."""
+    if dist.get_rank() == 0:  # a tied pair arrives under one name (server_fedavg.SendTiedOnce): give it both
+        weights = {**{alias: weights[name] for alias, name in _ties(model).items() if name in weights}, **weights}
     if _reshard(model):  # sharded: each rank takes its shard of rank 0's
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
         set_model_state_dict(model, weights if dist.get_rank() == 0 else {}, options=options)
@@ -129,6 +138,35 @@ def _load(model: torch.nn.Module, weights: dict | None) -> None:
         model.load_state_dict(weights)
     tensors = {id(t): t for t in model.state_dict().values()}  # a tied pair (one tensor, two keys) goes once
     _broadcast(list(tensors.values()))
+
+
+def tied_names(named) -> dict[str, str]:
+    """Of (name, tensor) pairs, the names whose tensor is an earlier name's, or a view of the same memory (tied
+    weights: a head that is the token embedding, in a model, a state dict or a loaded checkpoint), each with that
+    earlier name."""
+    first, tied = {}, {}
+    for name, tensor in named:
+        key = _memory(tensor)
+        if key in first:
+            tied[name] = first[key]
+        else:
+            first[key] = name
+    return tied
+
+
+def _memory(tensor) -> tuple:
+    """What identifies a tensor's values: the memory a plain tensor views, else the object itself."""
+    if type(tensor) in (torch.Tensor, torch.nn.Parameter) and tensor.numel():
+        storage = tensor.untyped_storage().data_ptr()
+        return storage, tensor.storage_offset(), tuple(tensor.shape), tensor.stride(), tensor.dtype
+    return (id(tensor),)
+
+
+def _ties(model: torch.nn.Module | None) -> dict[str, str]:
+    """The state-dict names of `model` that are another name's parameter or buffer, each with that name."""
+    if model is None:
+        return {}
+    return tied_names([*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)])
 
 
 def _reshard(model: torch.nn.Module) -> bool:

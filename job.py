@@ -14,6 +14,7 @@ NVFLARE_EXPORT = "--export" in sys.argv[1:]
 import nvflare
 import torch
 from nvflare.apis.job_def import JobMetaKey
+from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.workflows.cross_site_model_eval import CrossSiteModelEval
 from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
 from nvflare.client.config import ExchangeFormat
@@ -27,7 +28,7 @@ from nvflare.recipe import (
 )
 
 from protocol import add_training_flags, positive_int, train_args
-from server_fedavg import DtypeKeepingAggregator, LiveSitesEvaluation, TolerantFedAvg
+from server_fedavg import DtypeKeepingAggregator, LiveSitesEvaluation, SendTiedOnce, TolerantFedAvg
 
 # What every site runs, and the model the server starts from. To federate your own model and data, change these
 # four (docs/your-own-model-and-data.md).
@@ -294,7 +295,10 @@ def build_recipe(args: argparse.Namespace, gpu_blocks: list[list[str]] | None = 
     recipe.add_client_config(TRANSFER_TIMEOUTS)
     for module in TRAINER_FILES:
         recipe.add_client_file(os.path.join(HERE, module))
-    recipe.add_server_file(os.path.join(HERE, "server_fedavg.py"))
+    for module in ("server_fedavg.py", "flare_ddp.py"):  # the server's average, and the names it shares with sites
+        recipe.add_server_file(os.path.join(HERE, module))
+    # A tied pair of weights goes to the sites once, in every task that carries weights.
+    recipe.add_server_output_filter(SendTiedOnce(), tasks=[AppConstants.TASK_TRAIN, AppConstants.TASK_VALIDATION])
     if args.use_tracking:
         add_experiment_tracking(recipe, "tensorboard")
     if args.cross_site_eval:

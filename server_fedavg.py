@@ -6,6 +6,8 @@ import math
 
 import numpy as np
 import torch
+from nvflare.apis.dxo import from_shareable
+from nvflare.apis.filter import Filter
 from nvflare.apis.fl_constant import FLMetaKey
 from nvflare.apis.shareable import ReturnCode
 from nvflare.app_common.abstract.fl_model import FLModel
@@ -14,6 +16,8 @@ from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.workflows.base_fedavg import make_fedavg_metrics_aggregation_info
 from nvflare.app_common.workflows.cross_site_model_eval import CrossSiteModelEval
 from nvflare.app_common.workflows.fedavg import FedAvg
+
+from flare_ddp import TIED, tied_names
 
 # What TolerantFedAvg leaves for the final evaluation: the names of the sites that dropped out.
 DROPPED_SITES = "ddp_example_dropped_sites"
@@ -27,6 +31,9 @@ class DtypeKeepingAggregator(ModelAggregator):
     integer tensors, which are exact there up to 2**53) and cast back at the end, integers rounded. Weights are taken
     relative to the first site's, so with one site the global model is exactly what it sent.
 
+    A tied pair (two names of one tensor, flare_ddp.TIED in the result's meta) arrives under one name; the global
+    model gives both names the same averaged tensor again, so it is saved whole, and SendTiedOnce sends it once.
+
     Memory: one running sum the size of the model in float32, plus the one result being added, which is let go
     tensor by tensor as it is summed (and, with NVFlare's disk offload, read from disk one tensor at a time)."""
 
@@ -38,6 +45,7 @@ class DtypeKeepingAggregator(ModelAggregator):
         self._sums, self._kinds = {}, {}  # name: running sum; name: (dtype, whether it came as a NumPy array)
         self._metrics, self._sites = {}, []  # metric: running weighted sum; the round's sites and their weights
         self._first_weight, self._total, self._params_type = None, 0.0, None
+        self._tied = {}  # name left out: the name it is tied to
 
     def accept_model(self, model: FLModel):
         weight = _weight(model)
@@ -45,6 +53,7 @@ class DtypeKeepingAggregator(ModelAggregator):
         factor = weight / self._first_weight  # 1.0 for the first site: its tensors are summed without rounding
         self._total += factor
         self._params_type = self._params_type or model.params_type
+        self._tied.update((model.meta or {}).get(TIED) or {})
         name = (model.meta or {}).get("client_name", "unknown")
         self._sites.append({"name": name, "weight": weight, "weight_key": FLMetaKey.NUM_STEPS_CURRENT_ROUND})
         for key in list(model.params or {}):
@@ -71,6 +80,7 @@ class DtypeKeepingAggregator(ModelAggregator):
             if not (dtype.is_floating_point or dtype.is_complex):
                 mean.round_()
             params[key] = mean.to(dtype).numpy() if is_numpy else mean.to(dtype)
+        params.update({alias: params[name] for alias, name in self._tied.items() if name in params})
         metrics = {key: value / self._total for key, value in self._metrics.items()} or None
         info = make_fedavg_metrics_aggregation_info(site_weights=self._sites)
         info["use_contribution_sites"] = True  # round_metrics.jsonl lists each site's own metrics
@@ -145,3 +155,39 @@ class LiveSitesEvaluation(CrossSiteModelEval):
         super().start_controller(fl_ctx)
         dropped = fl_ctx.get_prop(DROPPED_SITES) or []
         self._participating_clients = [site for site in self._participating_clients if site not in dropped]
+
+
+class SendTiedOnce(Filter):
+    """The server's task data without the second name of a tied pair (two names of one tensor in the global model, as
+    DtypeKeepingAggregator makes them): the pair travels once, and flare_ddp gives it both names again at the site.
+    A model that NVFlare reloaded from a file it wrote for an evaluation may come back with the pair as two equal
+    tensors; names seen tied before are then left out as long as their values are still equal."""
+
+    def __init__(self):
+        super().__init__()
+        self._seen = {}  # alias: name, of every tied pair seen so far
+
+    def process(self, shareable, fl_ctx):
+        try:
+            dxo = from_shareable(shareable)
+        except ValueError:  # a task without weights
+            return shareable
+        if not isinstance(dxo.data, dict):
+            return shareable
+        self._seen.update(tied_names(dxo.data.items()))
+        data = dxo.data
+        tied = {
+            alias
+            for alias, name in self._seen.items()
+            if {alias, name} <= data.keys() and _equal(data[alias], data[name])
+        }
+        if not tied:
+            return shareable
+        dxo.data = {name: value for name, value in data.items() if name not in tied}
+        return dxo.update_shareable(shareable)
+
+
+def _equal(a, b) -> bool:
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and np.array_equal(a, b)
+    return a is b or (a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b))

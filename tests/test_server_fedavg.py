@@ -3,11 +3,15 @@
 import numpy as np
 import pytest
 import torch
+from nvflare.apis.dxo import from_shareable
 from nvflare.apis.fl_constant import FLMetaKey
+from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.abstract.fl_model import FLModel
 from nvflare.app_common.app_constant import AppConstants
+from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
-from server_fedavg import DtypeKeepingAggregator
+from flare_ddp import TIED
+from server_fedavg import DtypeKeepingAggregator, SendTiedOnce
 
 
 def result(params, weight, site="site-1", metrics=None):
@@ -79,3 +83,29 @@ def test_a_missing_or_bad_weight_counts_as_one():
     aggregator.accept_model(result({"w": torch.zeros(2)}, None))
     aggregator.accept_model(result({"w": torch.full((2,), 4.0)}, float("nan"), "site-2"))
     assert aggregator.aggregate_model().params["w"].tolist() == [2.0, 2.0]
+
+
+def test_a_tied_pair_sent_once_comes_back_under_both_names_as_one_tensor_and_goes_out_once():
+    # What flare_ddp sends for a head tied to the embedding: the embedding alone, and the tie in the meta.
+    aggregator = DtypeKeepingAggregator()
+    for seed, site in ((1, "site-1"), (2, "site-2")):
+        params = {"embed.weight": torch.randn(6, 4, generator=torch.Generator().manual_seed(seed)), "b": torch.ones(2)}
+        sent = result(params, weight=1, site=site)
+        sent.meta[TIED] = {"head.weight": "embed.weight"}
+        aggregator.accept_model(sent)
+    params = aggregator.aggregate_model().params
+    assert params["head.weight"] is params["embed.weight"]  # one tensor, two names: the global model is whole
+    once = SendTiedOnce()
+
+    def send(params):
+        return from_shareable(once.process(FLModelUtils.to_shareable(FLModel(params=params)), FLContext())).data
+
+    sent = send(params)
+    assert sorted(sent) == ["b", "embed.weight"] and torch.equal(sent["embed.weight"], params["embed.weight"])
+    assert sorted(params) == ["b", "embed.weight", "head.weight"]  # the global model itself keeps both names
+    # The same model as NVFlare reloads it for an evaluation: the pair as two equal tensors, still sent once; two
+    # tensors of those names that differ are not a tied pair, and both go.
+    reloaded = {name: tensor.clone() for name, tensor in params.items()}
+    assert sorted(send(reloaded)) == ["b", "embed.weight"]
+    reloaded["head.weight"] += 1
+    assert sorted(send(reloaded)) == ["b", "embed.weight", "head.weight"]

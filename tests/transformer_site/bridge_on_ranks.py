@@ -1,6 +1,7 @@
 """Run by tests/test_flare_ddp.py under torchrun: flare_ddp's tasks, loads and sends on real gloo ranks, with TinyLM
 under DDP, FSDP2 or hybrid FSDP2 (argv[1]), and a stand-in for NVFlare's Client API on rank 0 that hands out a TRAIN,
-a VALIDATE and a SUBMIT_MODEL task and keeps what is sent. Prints one line a rank when every check holds."""
+a VALIDATE (its tied head left out, as the server sends it) and a SUBMIT_MODEL task and keeps what is sent. Prints one
+line a rank when every check holds."""
 
 import copy
 import os
@@ -25,6 +26,7 @@ flare_ddp._control = dist.new_group(backend="gloo")  # what flare_ddp.init() mak
 # The server's side: two sets of weights to hand out, and the results sent back.
 sent_weights = [TinyLM(seed=1).state_dict(), TinyLM(seed=2).state_dict()]
 expected = [{k: v.clone() for k, v in w.items()} for w in sent_weights]  # loading may replace the dict's values
+del sent_weights[1]["head.weight"]  # as the server sends a tied pair: once (server_fedavg.SendTiedOnce)
 script = [([1, 3, 2, 1], sent_weights[0]), ([2, 0, 0, 1], sent_weights[1]), ([3, 0, 0, 0], None), ([0] * 4, None)]
 received = []
 flare_ddp._receive = lambda: script.pop(0)
@@ -107,11 +109,13 @@ for task in flare_ddp.tasks(model):
 
 if rank == 0:
     train_result, validate_result, submitted = received
-    check(train_result.params.keys() == before_send.keys(), "the sent keys")
-    check(all(torch.equal(train_result.params[k], before_send[k]) for k in before_send), "the sent weights")
+    check(train_result.params.keys() == before_send.keys() - {"head.weight"}, "the tied pair went twice")
+    check(train_result.meta[flare_ddp.TIED] == {"head.weight": "embed.weight"}, "the tie was not sent")
+    check(all(torch.equal(train_result.params[k], before_send[k]) for k in train_result.params), "the sent weights")
     check(train_result.params["steps"].dtype == torch.int64 and train_result.params["steps"] > 0, "the step count")
     check(validate_result.params is None and validate_result.metrics == {"accuracy": 0.5}, "the validate result")
-    check(all(torch.equal(submitted.params[k], expected[1][k]) for k in expected[1]), "the submitted model")
+    check(submitted.params.keys() == expected[1].keys() - {"head.weight"}, "the submitted keys")
+    check(all(torch.equal(submitted.params[k], expected[1][k]) for k in submitted.params), "the submitted model")
 print(f"{mode} rank {rank}: every check holds", flush=True)
 dist.destroy_process_group()
 os._exit(0)  # past gloo's threads, which can abort a normal interpreter exit
