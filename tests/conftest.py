@@ -21,6 +21,12 @@ from protocol import TRAINING_FLAGS  # noqa: E402
 
 
 def pytest_configure(config):
+    made = subprocess.run([*UNSHARE, "--net", "true"], capture_output=True, text=True)
+    if made.returncode != 0:  # a kernel that allows no unprivileged user namespaces (some distributions' default)
+        raise pytest.UsageError(
+            f"the tests give each real run a network namespace of its own, and `{' '.join(UNSHARE)} --net` failed "
+            f"here ({made.stderr.strip()}): run them as root, or allow unprivileged user namespaces"
+        )
     config.addinivalue_line(
         "markers", "e2e: a real run of job.py or of NVFlare's CLI (the full tier; `-m 'not e2e'` leaves them out)"
     )
