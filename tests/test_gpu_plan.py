@@ -13,6 +13,7 @@ from data import load_cifar10, partition_indices
 from job import JOB_NAME
 from local_run.gpu_plan import default_ranks, gpu_blocks, plan_lines
 from local_run.results import metric, read_final_scores
+from model import Net
 
 SITES = ["site-1", "site-2"]
 
@@ -118,22 +119,27 @@ def test_a_rank_count_for_each_site_or_for_all(given, capsys):
 @pytest.mark.e2e
 def test_a_sites_rank_count_changes_its_speed_not_its_model(small_root, tmp_path):
     """The same seed on 1, 2 and 3 ranks of one site: the same batches, split over the ranks, give the same global
-    model. The default site batch, 64, does not divide by 3."""
-    models, accuracies = {}, {}
+    model. The default site batch, 64, does not divide by 3. At lr 0.01: at the default 0.1, training amplifies the
+    float rounding in which the ranks' sums differ (0.02 seen on one CPU, under 1e-3 on another)."""
+    models, accuracies, losses = {}, {}, {}
     for ranks in (1, 2, 3):
         workspace = str(tmp_path / str(ranks))
         result = run_job(
-            "--num_rounds", "2", "--n_clients", "1", "--nproc_per_node", str(ranks), "--data_root", small_root,
-            "--workspace", workspace,
+            "--num_rounds", "2", "--n_clients", "1", "--nproc_per_node", str(ranks), "--lr", "0.01", "--data_root",
+            small_root, "--workspace", workspace,
         )  # fmt: skip
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         app = os.path.join(workspace, JOB_NAME, "server", "simulate_job", "app_server", "FL_global_model.pt")
         models[ranks] = torch.load(app, weights_only=True)["model"]
         accuracies[ranks] = [metric(r["aggregated_metrics"], "accuracy") for r in round_metrics(workspace)]
+        losses[ranks] = [metric(r["aggregated_metrics"], "train_loss") for r in round_metrics(workspace)]
         accuracies[ranks].append(read_final_scores(os.path.dirname(os.path.dirname(app)))["site-1"])
     for ranks in (2, 3):
         # Float sums in another order (gloo's all-reduce over more ranks) are all that differs.
         diff = max((models[ranks][k] - models[1][k]).abs().max().item() for k in models[1])
-        assert diff < 1e-3, (ranks, diff)
+        assert diff < 1e-4, (ranks, diff)
         assert all(abs(a - b) <= 0.005 for a, b in zip(accuracies[ranks], accuracies[1])), accuracies
-    assert accuracies[1][-1] > 0.3  # it learned (chance: 0.1): the same model, not the same failure
+    # It trained: the same model, not the same failure (say, the initial weights sent back unchanged).
+    initial = Net(seed=0).state_dict()
+    assert max((models[1][k].double() - initial[k].double()).abs().max().item() for k in initial) > 1e-2
+    assert losses[1][1] < losses[1][0], losses
