@@ -79,13 +79,13 @@ class Task:
         if self.answered:
             raise RuntimeError(f"the {self.kind} task of round {self.round} was answered already")
         self.answered = True
-        tied = {alias: name for alias, name in _ties(self.model).items() if params and {alias, name} <= params.keys()}
         if params is not None and _reshard(self.model):
             full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
             params = {name: full[name] for name in params} if dist.get_rank() == 0 else None
         if dist.get_rank() != 0:
             return
         meta = {} if weight is None else {FLMetaKey.NUM_STEPS_CURRENT_ROUND: weight}
+        tied = {alias: name for alias, name in _ties(self.model).items() if params and {alias, name} <= params.keys()}
         if tied:  # a tied pair travels once
             meta[TIED] = tied
         cpu_params = None if params is None else {n: t.detach().cpu() for n, t in params.items() if n not in tied}

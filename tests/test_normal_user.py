@@ -19,7 +19,7 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="changing to another user needs root; this run is a normal user's"),
 ]
 NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--init-groups"]
-SITE_PACKAGES = next(p for p in sys.path if p.endswith("site-packages") and p.startswith(sys.prefix))
+SITE_PACKAGES = next((p for p in sys.path if p.endswith("site-packages") and p.startswith(sys.prefix)), None)
 
 
 def open_to_all(path) -> str:
@@ -45,7 +45,7 @@ def as_nobody(small_root) -> dict:
             for root, dirs, files in os.walk(path):
                 for name in dirs + files:
                     os.chmod(os.path.join(root, name), os.stat(os.path.join(root, name)).st_mode | 0o555)
-        env = dict(os.environ, HOME=home, PATH=f"{bin_dir}:/usr/bin:/bin", PYTHONPATH=SITE_PACKAGES,
+        env = dict(os.environ, HOME=home, PATH=f"{bin_dir}:/usr/bin:/bin", PYTHONPATH=SITE_PACKAGES or "",
                    CUDA_VISIBLE_DEVICES="")  # fmt: skip
         python = next((p for p in (sys.executable, "/usr/bin/python3") if runs_as_nobody(p, env)), None)
         if python is None:
