@@ -33,6 +33,8 @@ and head) gathered after a forward pass that no backward pass follows; the bridg
 before each load and gather, and after such a forward pass, so that an evaluation never breaks the next load and an
 optimizer built after it holds the shards."""
 
+import os
+import sys
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -57,6 +59,9 @@ _control = None  # the gloo group the tasks travel on
 # In a result's meta: the names left out because their tensor is another name's (tied weights), each with that name.
 # The server's average gives them the tensor again (server_fedavg.py).
 TIED = "ddp_example_tied"
+# In a task's meta: the names the server left out because this site has them already, unchanged since it was sent
+# them (server_fedavg.SendOnce): the site keeps its own copies.
+KEPT = "ddp_example_kept"
 
 
 @dataclass
@@ -89,15 +94,36 @@ class Task:
         if tied:  # a tied pair travels once
             meta[TIED] = tied
         cpu_params = None if params is None else {n: t.detach().cpu() for n, t in params.items() if n not in tied}
+        if cpu_params is not None:
+            print(f"flare_ddp: {self.kind} task of round {self.round}: sent {_size(cpu_params)}", flush=True)
         flare.send(flare.FLModel(params=cpu_params, metrics=metrics, meta=meta))
 
 
 def init() -> None:
-    """Call on every rank after dist.init_process_group(): rank 0 shakes hands with the NVFlare client."""
+    """Call on every rank after dist.init_process_group(): rank 0 shakes hands with the NVFlare client.
+
+    From then on, an exception that nothing catches ends its rank at once, after its traceback and one line that
+    names the site, the rank and the exception: "<site> rank <r>: ERROR: <type>: <message>". Otherwise NVFlare's
+    threads would keep rank 0 alive and the other ranks would wait on it; now torchrun ends the site, and the job
+    ends naming the cause."""
     global _control
     _control = dist.new_group(backend="gloo", timeout=TASK_WAIT)
+    site = [None]
     if dist.get_rank() == 0:
         flare.init(rank=0)
+        site[0] = flare.get_site_name()
+    dist.broadcast_object_list(site, src=0, group=_control)
+    previous = sys.excepthook
+
+    def end_rank(kind, value, traceback):
+        previous(kind, value, traceback)
+        message = " ".join(f"{kind.__name__}: {value}".split())  # one line, whatever the message's own lines
+        sys.stderr.write(f"{site[0]} rank {dist.get_rank()}: ERROR: {message}\n")
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(1)
+
+    sys.excepthook = end_rank
 
 
 def tasks(model: torch.nn.Module):
@@ -119,25 +145,60 @@ def tasks(model: torch.nn.Module):
         if code == 0:
             return
         if loaded:
-            _load(model, weights)
+            if dist.get_rank() == 0:
+                print(f"flare_ddp: {_KINDS[code]} task of round {current_round}: received {_size(weights[0])}, "
+                      f"{len(weights[1] or [])} kept from earlier tasks", flush=True)  # fmt: skip
+            _load(model, *(weights or (None, None)))
         weights = None  # the received copy goes as soon as it is in the model
         task = Task(_KINDS[code], current_round, total_rounds, model=model)
         yield task
 
 
-def _load(model: torch.nn.Module, weights: dict | None) -> None:
+_received: set[str] = set()  # rank 0: the names this trainer has been sent by the server
+
+
+def _load(model: torch.nn.Module, weights: dict | None, kept: list[str] | None) -> None:
     """Every rank: rank 0's received weights (None elsewhere) into `model` on every rank, in place: the parameter
-    objects stay the same, so an optimizer built before the task keeps stepping them."""
-    if dist.get_rank() == 0:  # a tied pair arrives under one name (server_fedavg.SendTiedOnce): give it both
+    objects stay the same, so an optimizer built before the task keeps stepping them. `kept`: the names the server
+    left out because this site has them from an earlier task."""
+    if dist.get_rank() == 0:  # a tied pair arrives under one name (server_fedavg.SendOnce): give it both
         weights = {**{alias: weights[name] for alias, name in _ties(model).items() if name in weights}, **weights}
+        _check_complete(model, weights, kept or [])
     if _reshard(model):  # sharded: each rank takes its shard of rank 0's
-        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
         set_model_state_dict(model, weights if dist.get_rank() == 0 else {}, options=options)
         return
+    names = [set(weights)] if dist.get_rank() == 0 else [None]
+    dist.broadcast_object_list(names, src=0, group=_control)  # what came: the rest stays as it is on every rank
     if dist.get_rank() == 0:
-        model.load_state_dict(weights)
-    tensors = {id(t): t for t in model.state_dict().values()}  # a tied pair (one tensor, two keys) goes once
-    _broadcast(list(tensors.values()))
+        model.load_state_dict(weights, strict=False)
+    tensors = [t for name, t in model.state_dict().items() if name in names[0]]
+    _broadcast(list({_memory(t): t for t in tensors}.values()))  # a tied pair (one tensor, two names) goes once
+
+
+def _check_complete(model: torch.nn.Module, weights: dict, kept: list[str]) -> None:
+    """Rank 0: that the received weights and this site's kept copies make up the model's state dict, no more."""
+    names = model.state_dict().keys()
+    unknown = [name for name in weights if name not in names]
+    if unknown:
+        raise RuntimeError(
+            f"the server sent {unknown[0]!r}, which this site's model does not have: the job's initial model and the "
+            "trainer's model differ"
+        )
+    never = [name for name in kept if name not in _received and name in names]
+    if never:
+        raise RuntimeError(
+            f"the server left out {never[0]!r} as this site's own copy, but this trainer was never sent it: was the "
+            "trainer started again during the job?"
+        )
+    missing = [name for name in names if name not in weights and name not in kept]
+    if missing:
+        raise RuntimeError(f"the server's weights lack {missing[0]!r} of this site's model, and it has no copy of it")
+    _received.update(weights)
+
+
+def _size(params: dict) -> str:
+    return f"{len(params)} tensors, {sum(t.numel() * t.element_size() for t in params.values()):,} bytes"
 
 
 def tied_names(named) -> dict[str, str]:
@@ -213,9 +274,9 @@ def _broadcast(tensors: list[torch.Tensor]) -> None:
             size += nbytes
 
 
-def _receive() -> tuple[list[int], dict | None]:
+def _receive() -> tuple[list[int], tuple[dict, list[str]] | None]:
     """On rank 0: the next task from the server as [kind code, round, rounds, whether it brings weights], and its
-    weights."""
+    weights with the names it left out as this site's own (KEPT)."""
     received = flare.receive() if flare.is_running() else None
     if received is None:
         return [0, 0, 0, 0], None
@@ -231,4 +292,4 @@ def _receive() -> tuple[list[int], dict | None]:
     if loaded and received.params is None:
         raise RuntimeError(f"the server sent a {kind} task without weights")
     header = [_KINDS.index(kind), received.current_round or 0, received.total_rounds or 0, int(loaded)]
-    return header, received.params if loaded else None
+    return header, (received.params, (received.meta or {}).get(KEPT)) if loaded else None

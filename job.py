@@ -28,7 +28,7 @@ from nvflare.recipe import (
 )
 
 from protocol import add_training_flags, positive_int, train_args
-from server_fedavg import DtypeKeepingAggregator, LiveSitesEvaluation, SendTiedOnce, TolerantFedAvg
+from server_fedavg import DtypeKeepingAggregator, LiveSitesEvaluation, MergingFedAvg, SendOnce, TolerantFedAvg
 
 # What every site runs, and the model the server starts from. To federate your own model and data, change these
 # four (docs/your-own-model-and-data.md).
@@ -220,9 +220,9 @@ NVFLARE_VERSION = "2.9"
 
 
 class QuickFedAvgRecipe(FedAvgRecipe):
-    """NVFlare's FedAvg recipe, whose server notices finished tasks within 0.1 s instead of 0.5 s. With
-    `tolerate_down_to` K below the number of sites, the controller is TolerantFedAvg: failed sites drop out, down to
-    K sites."""
+    """NVFlare's FedAvg recipe, whose server notices finished tasks within 0.1 s instead of 0.5 s, and whose sites
+    may send part of the model (MergingFedAvg). With `tolerate_down_to` K below the number of sites, the controller
+    is TolerantFedAvg: failed sites drop out, down to K sites."""
 
     def __init__(self, *, tolerate_down_to: int, **kwargs):
         self.tolerate_down_to = tolerate_down_to  # read while the parent's __init__ creates the controller
@@ -241,6 +241,8 @@ class QuickFedAvgRecipe(FedAvgRecipe):
         controller = super()._create_controller(*args, **kwargs)
         if self._tolerant():
             TolerantFedAvg.tolerate(controller, self.tolerate_down_to)
+        else:
+            MergingFedAvg.merging(controller)
         return controller
 
 
@@ -297,8 +299,8 @@ def build_recipe(args: argparse.Namespace, gpu_blocks: list[list[str]] | None = 
         recipe.add_client_file(os.path.join(HERE, module))
     for module in ("server_fedavg.py", "flare_ddp.py"):  # the server's average, and the names it shares with sites
         recipe.add_server_file(os.path.join(HERE, module))
-    # A tied pair of weights goes to the sites once, in every task that carries weights.
-    recipe.add_server_output_filter(SendTiedOnce(), tasks=[AppConstants.TASK_TRAIN, AppConstants.TASK_VALIDATION])
+    # Each tensor goes to a site once: a tied pair's second name, and what the site has unchanged, are left out.
+    recipe.add_server_output_filter(SendOnce(), tasks=[AppConstants.TASK_TRAIN, AppConstants.TASK_VALIDATION])
     if args.use_tracking:
         add_experiment_tracking(recipe, "tensorboard")
     if args.cross_site_eval:

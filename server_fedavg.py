@@ -1,8 +1,11 @@
-"""The server's workflows: NVFlare's FedAvg, with every tensor kept in its dtype; for `--min_clients K` below the
-number of sites, FedAvg that goes on without a site whose training failed, as long as at least K sites send a
-result in every round, and a final evaluation on the sites that are left."""
+"""The server's side: NVFlare's FedAvg, with every tensor kept in its dtype and results that may hold only part of the
+model; for `--min_clients K` below the number of sites, FedAvg that goes on without a site whose training failed, as
+long as at least K sites send a result in every round, and a final evaluation on the sites that are left; and the
+filter that sends each site only the tensors it lacks."""
 
+import hashlib
 import math
+import weakref
 
 import numpy as np
 import torch
@@ -10,14 +13,14 @@ from nvflare.apis.dxo import from_shareable
 from nvflare.apis.filter import Filter
 from nvflare.apis.fl_constant import FLMetaKey
 from nvflare.apis.shareable import ReturnCode
-from nvflare.app_common.abstract.fl_model import FLModel
+from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
 from nvflare.app_common.aggregators.model_aggregator import ModelAggregator
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.workflows.base_fedavg import make_fedavg_metrics_aggregation_info
 from nvflare.app_common.workflows.cross_site_model_eval import CrossSiteModelEval
 from nvflare.app_common.workflows.fedavg import FedAvg
 
-from flare_ddp import TIED, tied_names
+from flare_ddp import KEPT, TIED, tied_names
 
 # What TolerantFedAvg leaves for the final evaluation: the names of the sites that dropped out.
 DROPPED_SITES = "ddp_example_dropped_sites"
@@ -32,7 +35,7 @@ class DtypeKeepingAggregator(ModelAggregator):
     relative to the first site's, so with one site the global model is exactly what it sent.
 
     A tied pair (two names of one tensor, flare_ddp.TIED in the result's meta) arrives under one name; the global
-    model gives both names the same averaged tensor again, so it is saved whole, and SendTiedOnce sends it once.
+    model gives both names the same averaged tensor again, so it is saved whole, and SendOnce sends it once.
 
     Memory: one running sum the size of the model in float32, plus the one result being added, which is let go
     tensor by tensor as it is summed (and, with NVFlare's disk offload, read from disk one tensor at a time)."""
@@ -102,7 +105,67 @@ def _weight(model: FLModel) -> float:
     return weight if math.isfinite(weight) and weight > 0 else 1.0
 
 
-class TolerantFedAvg(FedAvg):
+class MergingFedAvg(FedAvg):
+    """NVFlare's FedAvg, where a site may send any part of its state dict (only what it trains, say): the round's
+    average replaces those tensors in the global model, and every other tensor stays as it was, bit for bit. NVFlare's
+    own FedAvg replaces the whole global model with a result, so a partial result would drop the rest.
+
+    A result that does not fit ends the job with one line naming the site and the tensor: a name the global model
+    does not have, a shape that is not the global model's, or names other than the other sites' results hold."""
+
+    @classmethod
+    def merging(cls, controller: FedAvg) -> None:
+        """Make NVFlare's FedAvg controller this one: the job's config then names this class, with the controller's
+        arguments as NVFlare's recipe set them."""
+        controller.__class__ = cls
+
+    def send_model(self, task_name="train", data=None, targets=None, min_responses=None, timeout=0, callback=None):
+        self._global, self._names, self._misfit = (data.params or {}), None, None
+        super().send_model(task_name, data, targets, min_responses, timeout, callback)
+
+    def _aggregate_one_result(self, result: FLModel) -> bool:
+        self._misfit = self._misfit or self._misfit_of(result)
+        return False if self._misfit else super()._aggregate_one_result(result)
+
+    def _misfit_of(self, result: FLModel) -> str | None:
+        """What is wrong with a site's result against the global model and the round's first result, or None."""
+        site, params = (result.meta or {}).get("client_name", "a site"), result.params or {}
+        for name, value in params.items():
+            if name not in self._global:
+                return f"{site} sent {name!r}, which the global model does not have; send the model's own names"
+            if tuple(value.shape) != tuple(self._global[name].shape):
+                return (
+                    f"{site} sent {name!r} of shape {list(value.shape)}, but the global model's is "
+                    f"{list(self._global[name].shape)}"
+                )
+        if not params:
+            return None
+        if self._names is None:
+            self._names = (site, set(params))
+            return None
+        first, names = self._names
+        odd = sorted(set(params) ^ names)
+        if odd:
+            has, lacks = (site, first) if odd[0] in params else (first, site)
+            return (
+                f"{has}'s result holds {odd[0]!r} and {lacks}'s does not: every site must send the same part of the "
+                "model"
+            )
+        return None
+
+    def _get_aggregated_result(self):
+        if self._misfit:
+            # Raised inside run(): NVFlare's controller turns it into a panic that ends the job with this message.
+            raise RuntimeError(f"round {self.current_round}: {self._misfit}")
+        return super()._get_aggregated_result()
+
+    def update_model(self, model, aggr_result):
+        if aggr_result.params_type != ParamsType.DIFF:  # the rest of the global model stays as it is
+            aggr_result.params = {**(model.params or {}), **(aggr_result.params or {})}
+        return super().update_model(model, aggr_result)
+
+
+class TolerantFedAvg(MergingFedAvg):
     """NVFlare's FedAvg, with two changes:
     - a site whose `train` task fails (its trainer died or raised) drops out: it gets no further task, and the
       round averages the results of the others;
@@ -138,7 +201,7 @@ class TolerantFedAvg(FedAvg):
         return accepted
 
     def _get_aggregated_result(self):
-        if self._received_count < self.min_clients:
+        if self._received_count < self.min_clients and not self._misfit:
             # Raised inside run(): NVFlare's controller turns it into a panic that ends the job with this message.
             raise RuntimeError(
                 f"round {self.current_round} has {self._received_count} result(s), fewer than --min_clients "
@@ -157,15 +220,26 @@ class LiveSitesEvaluation(CrossSiteModelEval):
         self._participating_clients = [site for site in self._participating_clients if site not in dropped]
 
 
-class SendTiedOnce(Filter):
-    """The server's task data without the second name of a tied pair (two names of one tensor in the global model, as
-    DtypeKeepingAggregator makes them): the pair travels once, and flare_ddp gives it both names again at the site.
-    A model that NVFlare reloaded from a file it wrote for an evaluation may come back with the pair as two equal
-    tensors; names seen tied before are then left out as long as their values are still equal."""
+class SendOnce(Filter):
+    """The server's task data, less what the receiving site has already: each tensor reaches a site once.
+
+    - The second name of a tied pair (two names of one tensor, as DtypeKeepingAggregator makes them) is left out;
+      flare_ddp gives it both names again. A model that NVFlare reloaded from a file for an evaluation may bring the
+      pair as two equal tensors: a name seen tied before is left out as long as its values are still equal.
+    - A tensor this site was sent before, whose values have not changed since, is left out and named in the task's
+      meta (flare_ddp.KEPT): the site keeps its own copy. So what no site trains, and sends, reaches a site once, in
+      its first task; after that only what the sites train travels. A site's model that lacks some names (a site
+      that sends only what it trains) is completed at another site with that site's own copies of them.
+
+    A tensor's values are known by a digest, taken once per tensor object and kept with a weak reference to it, so
+    the filter holds no tensor: the global model's untouched tensors stay the same objects from round to round, and
+    only what changed is read."""
 
     def __init__(self):
         super().__init__()
         self._seen = {}  # alias: name, of every tied pair seen so far
+        self._sent = {}  # site: {name: digest of the values it was last sent}
+        self._digests = {}  # id(tensor): (weak reference to it, its version counter, its digest)
 
     def process(self, shareable, fl_ctx):
         try:
@@ -174,17 +248,45 @@ class SendTiedOnce(Filter):
             return shareable
         if not isinstance(dxo.data, dict):
             return shareable
-        self._seen.update(tied_names(dxo.data.items()))
-        data = dxo.data
-        tied = {
-            alias
-            for alias, name in self._seen.items()
-            if {alias, name} <= data.keys() and _equal(data[alias], data[name])
-        }
-        if not tied:
-            return shareable
-        dxo.data = {name: value for name, value in data.items() if name not in tied}
+        data, site = dxo.data, fl_ctx.get_peer_context().get_identity_name()
+        self._seen.update(tied_names(data.items()))
+        tied = {a for a, name in self._seen.items() if {a, name} <= data.keys() and _equal(data[a], data[name])}
+        sent = self._sent.setdefault(site, {})
+        kept = [name for name in sent if name not in data or name in tied]  # the site's own copies stand in
+        new = {}
+        for name, value in data.items():
+            if name in tied:
+                continue
+            digest = self._digest(value)
+            if sent.get(name) == digest:
+                kept.append(name)
+            else:
+                new[name], sent[name] = value, digest
+        dxo.data = new
+        dxo.set_meta_prop(KEPT, kept)
         return dxo.update_shareable(shareable)
+
+    def _digest(self, value) -> tuple:
+        """What tells the values of a tensor (or NumPy array) apart: its dtype, shape and a hash of its bytes. A
+        tensor's is kept while the tensor lives and is unchanged (its version counter); an array's is taken anew."""
+        if isinstance(value, np.ndarray):
+            return str(value.dtype), value.shape, _hash(np.ascontiguousarray(value).reshape(-1).view(np.uint8))
+        known = self._digests.get(id(value))
+        if known and known[0]() is value and known[1] == value._version:
+            return known[2]
+        raw = value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()
+        digest, key = (str(value.dtype), tuple(value.shape), _hash(raw)), id(value)
+
+        def forget(ref):  # the tensor is gone, and so is its digest: its id may be another tensor's next
+            if self._digests.get(key, (None,))[0] is ref:
+                del self._digests[key]
+
+        self._digests[key] = (weakref.ref(value, forget), value._version, digest)
+        return digest
+
+
+def _hash(raw: np.ndarray) -> bytes:
+    return hashlib.blake2b(raw, digest_size=16).digest()
 
 
 def _equal(a, b) -> bool:

@@ -12,7 +12,7 @@ import threading
 import time
 from datetime import datetime
 
-from protocol import ERROR, STOPPING, rank_line_pattern
+from protocol import ERROR, STOPPING, rank_line, rank_line_pattern
 
 # Lines of NVFlare's and torchrun's own that the diagnosis reads, checked against nvflare 2.9.0 and torch 2.14.1.
 NVFLARE_END_RUN = "server asked to end the run"  # a site's client, when the server ends its run
@@ -20,6 +20,8 @@ NVFLARE_TRAINER_EXITED = r"trainer process group exited \(rc=(-?\d+)\)"  # the t
 NVFLARE_TASK_SENT = "Sending task train"  # the server, at the start of each round
 NVFLARE_MODEL_SAVED = "End persist model on server"  # the server, at the end of each round
 NVFLARE_HANDSHAKE = "trainer session established"  # a site, once its trainer's rank 0 has shaken hands
+# The server, when its workflow (FedAvg) raised: for example a site's result that does not fit the global model.
+NVFLARE_WORKFLOW_FAILED = r"Exception in model controller run: (?:RuntimeError: )?([^\n]*)"
 # A site's client when it ends its run by itself, with NVFlare's reason: for example its trainer could not be
 # launched, or exited before the handshake. The simulator's server is not told, and would wait for it forever.
 NVFLARE_SITE_ENDED = "Stopped ClientRunner due to FATAL_SYSTEM_ERROR"
@@ -27,6 +29,8 @@ NVFLARE_SITE_ENDED = "Stopped ClientRunner due to FATAL_SYSTEM_ERROR"
 TORCHRUN_ROOT_CAUSE = (
     r"Root Cause \(first observed failure\):.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)(?: \(pid: (\d+)\))?"
 )
+# The last line of an exception's traceback, as torch prints it on a rank: "[rank1]: ValueError: ...".
+TORCH_RANK_EXCEPTION = r"\[rank{rank}\]: ((?:\w+\.)*\w+: [^\n]*)"
 # NVFlare's log lines start with a timestamp such as "2026-11-27 05:30:40,123".
 LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})")
 
@@ -179,6 +183,10 @@ def diagnose(workspace: str, site: str) -> str | None:
         rank, code, pid = root.groups()
         if int(code) < 0:
             return killed(f"{site} rank {rank}", -int(code), pid and int(pid))
+        # A trainer of the user's own, raising before flare_ddp.init: torch's traceback, each line led by the rank.
+        raised = re.findall(TORCH_RANK_EXCEPTION.format(rank=rank), log)
+        if raised:
+            return rank_line(site, int(rank), ERROR, raised[-1])
         return f"{site} rank {rank} failed (exit code {code})"
     ended = re.search(NVFLARE_TRAINER_EXITED, log)
     if ended:
@@ -257,10 +265,12 @@ def report_failure(
     min_clients: int,
     finished: bool = False,
     server_ended: str | None = None,
+    server_log: str | None = None,
 ) -> None:
     """Which global model is kept, then the error line: what stopped the job, and where. finished: the job itself
     had finished when job.py was stopped; server_ended: how NVFlare's server process ended, if it was killed (then
-    no site is blamed: what the sites logged after is a consequence)."""
+    no site is blamed: what the sites logged after is a consequence); server_log: where the server's workflow says
+    why it stopped, when no site failed."""
     causes = {site: diagnose(logs_root, site) for site in sites} if logs_root and not server_ended else {}
     failed = [site for site, cause in causes.items() if cause]
     # A stop by signal has no failed site: then any site still starting means start-up.
@@ -279,11 +289,22 @@ def report_failure(
         print(f"ERROR: the job was stopped by {stopped_by} {phase}; {kept}", file=sys.stderr)
         return
     where = f"{logs_root}/<site>/log.txt" if logs_root else "each site's workspace"
-    why = server_ended or "; ".join(causes[site] for site in failed) or "a site did not report"
+    why = server_ended or "; ".join(causes[site] for site in failed) or workflow_error(server_log)
+    why = why or "a site did not report"
     if min_clients < len(sites) and len(sites) - len(failed) < min_clients:
         why += f"; fewer than --min_clients {min_clients} sites were left"
     print(kept, file=sys.stderr)
     print(f"ERROR: the job stopped {phase}: {why}. Logs: {where}", file=sys.stderr)
+
+
+def workflow_error(server_log: str | None) -> str | None:
+    """Why the server's workflow stopped the job, from its log, or None."""
+    try:
+        with open(server_log or "", errors="replace") as f:
+            found = re.search(NVFLARE_WORKFLOW_FAILED, f.read())
+    except OSError:
+        return None
+    return found and f"the server stopped the job: {found.group(1)}"
 
 
 def dropouts(rounds: list[dict], sites: list[str]) -> dict[str, int]:
@@ -326,8 +347,9 @@ def summarize(
     finished = len(complete) >= num_rounds and set(final_scores) == set(sites) - set(dropped)
     if stopped_by or server_ended or not finished:
         report_failure(
-            server_dir, sites, num_rounds, len(complete), logs_root, stopped_by, min_clients, finished, server_ended
-        )
+            server_dir, sites, num_rounds, len(complete), logs_root, stopped_by, min_clients, finished, server_ended,
+            server_log,
+        )  # fmt: skip
         return 1
     for site, r in dropped.items():
         cause = (diagnose(logs_root, site) if logs_root else None) or "see its log"

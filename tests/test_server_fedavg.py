@@ -4,14 +4,14 @@ import numpy as np
 import pytest
 import torch
 from nvflare.apis.dxo import from_shareable
-from nvflare.apis.fl_constant import FLMetaKey
+from nvflare.apis.fl_constant import FLMetaKey, ReservedKey
 from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.abstract.fl_model import FLModel
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
-from flare_ddp import TIED
-from server_fedavg import DtypeKeepingAggregator, SendTiedOnce
+from flare_ddp import KEPT, TIED
+from server_fedavg import DtypeKeepingAggregator, MergingFedAvg, SendOnce
 
 
 def result(params, weight, site="site-1", metrics=None):
@@ -95,17 +95,78 @@ def test_a_tied_pair_sent_once_comes_back_under_both_names_as_one_tensor_and_goe
         aggregator.accept_model(sent)
     params = aggregator.aggregate_model().params
     assert params["head.weight"] is params["embed.weight"]  # one tensor, two names: the global model is whole
-    once = SendTiedOnce()
-
-    def send(params):
-        return from_shareable(once.process(FLModelUtils.to_shareable(FLModel(params=params)), FLContext())).data
-
-    sent = send(params)
+    once = SendOnce()
+    sent = send(once, params, "site-1")
     assert sorted(sent) == ["b", "embed.weight"] and torch.equal(sent["embed.weight"], params["embed.weight"])
     assert sorted(params) == ["b", "embed.weight", "head.weight"]  # the global model itself keeps both names
     # The same model as NVFlare reloads it for an evaluation: the pair as two equal tensors, still sent once; two
     # tensors of those names that differ are not a tied pair, and both go.
     reloaded = {name: tensor.clone() for name, tensor in params.items()}
-    assert sorted(send(reloaded)) == ["b", "embed.weight"]
+    assert sorted(send(once, reloaded, "site-2")) == ["b", "embed.weight"]
     reloaded["head.weight"] += 1
-    assert sorted(send(reloaded)) == ["b", "embed.weight", "head.weight"]
+    assert sorted(send(once, reloaded, "site-3")) == ["b", "embed.weight", "head.weight"]
+
+
+def send(once: SendOnce, params: dict, site: str, meta: dict | None = None) -> dict:
+    """What the filter lets through of a task for `site` that carries `params`; `meta` gets the task's meta."""
+    peer = FLContext()
+    peer.set_prop(ReservedKey.IDENTITY_NAME, site, private=False, sticky=False)
+    fl_ctx = FLContext()
+    fl_ctx.set_peer_context(peer)
+    dxo = from_shareable(once.process(FLModelUtils.to_shareable(FLModel(params=params)), fl_ctx))
+    (meta if meta is not None else {}).update(dxo.meta)
+    return dxo.data
+
+
+@pytest.mark.parametrize("numpy", [False, True])
+def test_each_tensor_reaches_a_site_once_until_it_changes(numpy):
+    g = torch.Generator().manual_seed(0)
+    model = {"backbone": torch.randn(8, 8, generator=g), "head": torch.randn(3, 8, generator=g),
+             "steps": torch.tensor(5)}  # fmt: skip
+    if numpy:
+        model = {name: tensor.numpy() for name, tensor in model.items()}
+    once, meta = SendOnce(), {}
+    assert send(once, model, "site-1", meta).keys() == model.keys() and meta[KEPT] == []  # the first task: all
+    assert send(once, model, "site-2", meta).keys() == model.keys()  # each site its own
+    # A round later: the same objects for what no site trained, a new head (the round's average).
+    model = {**model, "head": model["head"] * 2}
+    assert send(once, model, "site-1", meta).keys() == {"head"} and sorted(meta[KEPT]) == ["backbone", "steps"]
+    # The same values again, as new objects (NVFlare's persistor reloads the model for an evaluation): nothing.
+    copies = {name: value.copy() if numpy else value.clone() for name, value in model.items()}
+    assert send(once, copies, "site-1", meta) == {} and sorted(meta[KEPT]) == ["backbone", "head", "steps"]
+    # Changed in place: noticed (a tensor's version counter; an array is read each time).
+    copies["backbone"][0, 0] += 1
+    assert send(once, copies, "site-1", meta).keys() == {"backbone"}
+    # A model that lacks names (another site's, which sends only what it trains): the site keeps its own copies.
+    assert send(once, {"head": copies["head"] * 3}, "site-1", meta).keys() == {"head"}
+    assert sorted(meta[KEPT]) == ["backbone", "steps"]
+    # A site never sent a name gets it whatever the others have.
+    assert send(once, {"head": copies["head"] * 3}, "site-3", meta).keys() == {"head"} and meta[KEPT] == []
+
+
+def fed_avg(global_model: dict) -> MergingFedAvg:
+    controller = MergingFedAvg(num_clients=2, num_rounds=1)
+    controller._global, controller._names = global_model, None
+    return controller
+
+
+def test_partial_results_must_fit_the_global_model_and_each_other():
+    global_model = {"embed.weight": torch.zeros(10, 4), "head.weight": torch.zeros(3, 4)}
+    controller = fed_avg(global_model)
+    assert controller._misfit_of(result({"head.weight": torch.ones(3, 4)}, 1, "site-1")) is None
+    assert controller._misfit_of(result({"head.weight": torch.ones(3, 4)}, 1, "site-2")) is None
+    assert controller._misfit_of(result({"head.bias": torch.ones(3)}, 1, "site-2")) == (
+        "site-2 sent 'head.bias', which the global model does not have; send the model's own names"
+    )
+    assert controller._misfit_of(result({"head.weight": torch.ones(3, 5)}, 1, "site-2")) == (
+        "site-2 sent 'head.weight' of shape [3, 5], but the global model's is [3, 4]"
+    )
+    both = {"head.weight": torch.ones(3, 4), "embed.weight": torch.ones(10, 4)}
+    assert controller._misfit_of(result(both, 1, "site-3")) == (
+        "site-3's result holds 'embed.weight' and site-1's does not: every site must send the same part of the model"
+    )
+    controller = fed_avg(global_model)
+    controller._misfit_of(result(both, 1, "site-1"))
+    assert controller._misfit_of(result({"head.weight": torch.ones(3, 4)}, 1, "site-2")) == (
+        "site-1's result holds 'embed.weight' and site-2's does not: every site must send the same part of the model"
+    )

@@ -2,6 +2,7 @@
 the files it says to copy, and the job runs for real. Then the same bridge carries a model of bf16, fp16 and an
 integer buffer through a real job, and job.py, copied without local_run/, still exports a job that runs."""
 
+import importlib.util
 import os
 import re
 import shutil
@@ -108,6 +109,107 @@ def sharding_block() -> str | None:
     with open(DOC) as f:
         block = re.search(r"```python\n# in my_trainer.py, instead of ddp = DDP\(model\):\n(.*?)```", f.read(), re.S)
     return block and block[1]
+
+
+def fine_tuning_blocks() -> dict[str, str]:
+    """The doc's blocks as they are after section 5 (fine-tune part of a model): its classes added to my_model.py,
+    its lines put into my_trainer.py where it says, and MyTunedNet in job.py."""
+    with open(DOC) as f:
+        doc = f.read()
+    added = re.search(r"```python\n# added to my_model.py:\n(.*?)```", doc, re.S)[1]
+    lines = re.search(r"```python\n# in my_trainer.py, to fine-tune part of the model:\n(.*?)```", doc, re.S)[1]
+    blocks = doc_blocks()
+    blocks["my_model.py"] += "\n\n" + added
+    new = dict(line.split(" = ", 1) for line in lines.strip().splitlines() if " = " in line.split("(")[0])
+    send = next(line for line in lines.strip().splitlines() if line.startswith("task.send("))
+    trainer = blocks["my_trainer.py"].replace("MyNet", "MyTunedNet")
+    trainer = trainer.replace("ddp = DDP(model)\n", f"ddp = DDP(model)\nfrozen = {new['frozen']}\n")
+    assert len(re.findall(r"^ *optimizer = [^\n]*$", trainer, re.M)) == 1  # the line that builds it
+    trainer = re.sub(r"^( *)optimizer = [^\n]*$", rf"\g<1>optimizer = {new['optimizer']}", trainer, flags=re.M)
+    old = re.findall(r"^( *)(task\.send\(params=[^\n]*metrics=metrics[^\n]*)$", trainer, re.M)
+    assert len(old) == 1  # the train task's send
+    indent, line = old[0]
+    trainer = trainer.replace(indent + line, f"{indent}trained = {new['trained']}\n{indent}{send}")
+    blocks["my_trainer.py"] = trainer
+    blocks["job.py"] = blocks["job.py"].replace("MyNet", "MyTunedNet")
+    return blocks
+
+
+def task_lines(workspace: str, site: str) -> list[tuple[str, int, int, int]]:
+    """What flare_ddp printed at `site` for each task it received: (kind, round, tensors, kept)."""
+    with open(os.path.join(workspace, JOB_NAME, site, "log.txt")) as f:
+        found = re.findall(
+            r"flare_ddp: (\w+) task of round (\d+): received (\d+) tensors, [\d,]+ bytes, (\d+) kept", f.read()
+        )
+    return [(kind, int(r), int(n), int(kept)) for kind, r, n, kept in found]
+
+
+@pytest.mark.e2e
+def test_the_doc_fine_tunes_part_of_a_model_and_only_that_part_travels_after_round_0(tmp_path):
+    result, workspace = run_points_job(tmp_path, fine_tuning_blocks())
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rounds = round_metrics(workspace)
+    last = metric(rounds[-1]["aggregated_metrics"], "accuracy")
+    assert last > 0.8, last  # 4 classes: chance is 0.25
+    spec = importlib.util.spec_from_file_location("your_tuned_model", tmp_path / "yours" / "my_model.py")
+    spec.loader.exec_module(your_model := importlib.util.module_from_spec(spec))
+    initial = your_model.MyTunedNet(seed=0).state_dict()
+    frozen = {"layers.0.layer.weight", "layers.0.layer.bias", "layers.1.weight", "layers.1.bias"}
+    model = torch.load(
+        os.path.join(workspace, JOB_NAME, "server", "simulate_job", "app_server", "FL_global_model.pt"),
+        weights_only=True,
+    )["model"]
+    assert model.keys() == initial.keys()  # the saved global model is whole
+    assert all(torch.equal(model[k], initial[k]) for k in frozen)  # what no site sent, bit for bit
+    assert not any(torch.equal(model[k], initial[k]) for k in initial.keys() - frozen)  # the rest trained
+    for site in ("site-1", "site-2"):
+        tasks = task_lines(workspace, site)
+        # Round 0 brings the whole model; every later task (rounds 1 and 2, the final evaluation of the last and the
+        # best global model, which NVFlare reloads from their files) all but the frozen part, which the site keeps.
+        later = [("train", 1, 7, 4), ("train", 2, 7, 4), ("validate", 0, 7, 4), ("validate", 0, 7, 4)]
+        assert tasks == [("train", 0, len(initial), 0), *later]
+    assert processes_of(workspace) == []
+
+
+@pytest.mark.e2e
+def test_sites_that_send_different_parts_end_the_job_naming_the_site_and_the_tensor(tmp_path):
+    blocks = fine_tuning_blocks()
+    blocks["my_trainer.py"] = blocks["my_trainer.py"].replace(
+        "if k not in frozen}", 'if k not in frozen or args.site == "site-2"}'
+    )
+    result, workspace = run_points_job(tmp_path, blocks)
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert (
+        "ERROR: the job stopped in round 0 of 3: the server stopped the job: round 0: site-" in last
+        and "every site must send the same part" in last
+    )
+    assert processes_of(workspace) == []
+
+
+# Where the doc's trainer raises (site-2, at RANK), and how the run's last line names the phase.
+RAISES = {
+    "start": ("flare_ddp.init()\n", 1, "during start-up"),  # before the handshake
+    "round": ("    optimizer = ", 1, "in round 1 of 3"),  # in round 1's training
+    "eval": ("        task.send(metrics=", 0, "in the final evaluation"),  # scoring the final global model
+}
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("phase", RAISES)
+def test_a_trainer_of_your_own_that_raises_ends_the_job_naming_site_rank_and_message(phase, tmp_path):
+    before, rank, said = RAISES[phase]
+    indent = before[: len(before) - len(before.lstrip())]
+    when = "task.round == 1 and " if phase == "round" else ""
+    fault = f'{indent}if {when}args.site == "site-2" and rank == {rank}:\n{indent}    raise ValueError("no {phase}")\n'
+    blocks = doc_blocks()
+    assert blocks["my_trainer.py"].count(before) == 1
+    blocks["my_trainer.py"] = blocks["my_trainer.py"].replace(before, fault + before)
+    result, workspace = run_points_job(tmp_path, blocks)
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"ERROR: the job stopped {said}: site-2 rank {rank}: ERROR: ValueError: no {phase}. "), last
+    assert processes_of(workspace) == []
 
 
 def test_the_sharding_block_replaces_the_one_ddp_line():

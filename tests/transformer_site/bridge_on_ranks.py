@@ -1,7 +1,8 @@
 """Run by tests/test_flare_ddp.py under torchrun: flare_ddp's tasks, loads and sends on real gloo ranks, with TinyLM
 under DDP, FSDP2 or hybrid FSDP2 (argv[1]), and a stand-in for NVFlare's Client API on rank 0 that hands out a TRAIN,
-a VALIDATE (its tied head left out, as the server sends it) and a SUBMIT_MODEL task and keeps what is sent. Prints one
-line a rank when every check holds."""
+a VALIDATE (its tied head left out, as the server sends it), a SUBMIT_MODEL task, and a TRAIN task that brings one
+block only (the rest left out as the site's own, as server_fedavg.SendOnce sends it) and is answered with that block,
+and keeps what is sent. Prints one line a rank when every check holds."""
 
 import copy
 import os
@@ -26,8 +27,17 @@ flare_ddp._control = dist.new_group(backend="gloo")  # what flare_ddp.init() mak
 # The server's side: two sets of weights to hand out, and the results sent back.
 sent_weights = [TinyLM(seed=1).state_dict(), TinyLM(seed=2).state_dict()]
 expected = [{k: v.clone() for k, v in w.items()} for w in sent_weights]  # loading may replace the dict's values
-del sent_weights[1]["head.weight"]  # as the server sends a tied pair: once (server_fedavg.SendTiedOnce)
-script = [([1, 3, 2, 1], sent_weights[0]), ([2, 0, 0, 1], sent_weights[1]), ([3, 0, 0, 0], None), ([0] * 4, None)]
+del sent_weights[1]["head.weight"]  # as the server sends a tied pair: once (server_fedavg.SendOnce)
+BLOCK = "blocks.1."  # what the last TRAIN task brings and what its result holds: what the site trains
+block = {k: v for k, v in TinyLM(seed=3).state_dict().items() if k.startswith(BLOCK)}
+expected_block = {k: v.clone() for k, v in block.items()}
+script = [
+    ([1, 1, 2, 1], (sent_weights[0], None)),
+    ([2, 0, 0, 1], (sent_weights[1], None)),
+    ([3, 0, 0, 0], None),
+    ([1, 2, 2, 1], (block, [k for k in expected[0] if not k.startswith(BLOCK)])),
+    ([0] * 4, None),
+]
 received = []
 flare_ddp._receive = lambda: script.pop(0)
 flare_ddp.flare.send = lambda result: received.append(copy.deepcopy(result))  # as it was when sent
@@ -78,6 +88,7 @@ def check_every_parameter_moved(before: dict, after: dict, by: str) -> None:
         check(not still, f"{by} did not change {still}")
 
 
+before_send = {}  # round: the full weights as the site's result was sent
 evaluate()  # a forward with no backward before the first task (an evaluation, a warm-up)
 for task in flare_ddp.tasks(model):
     check(model.head.weight is model.embed.weight, f"the tie broke at the {task.kind} task")
@@ -87,7 +98,8 @@ for task in flare_ddp.tasks(model):
         task.send(params=model.state_dict())
         continue
     loaded = full_state()
-    want = expected[0 if task.kind == flare_ddp.TRAIN else 1]
+    # The last TRAIN task: its block, and the rest as the site had it (the VALIDATE task's weights, as submitted).
+    want = {**expected[1], **expected_block} if task.round == 2 else expected[0 if task.kind == flare_ddp.TRAIN else 1]
     if rank == 0:
         check(loaded.keys() == want.keys(), f"keys {sorted(loaded.keys() ^ want.keys())}")
         check(all(torch.equal(loaded[k], want[k]) for k in want), f"the {task.kind} weights were not loaded")
@@ -104,18 +116,23 @@ for task in flare_ddp.tasks(model):
     step(kept)
     check_every_parameter_moved(moved, full_state(), "the optimizer built before the task")
     evaluate()  # the local model scored before it is sent
-    before_send = full_state()
-    task.send(params=model.state_dict(), weight=3)
+    before_send[task.round] = full_state()
+    if task.round == 2:  # only what it trains
+        task.send(params={k: v for k, v in model.state_dict().items() if k.startswith(BLOCK)}, weight=3)
+    else:
+        task.send(params=model.state_dict(), weight=3)
 
 if rank == 0:
-    train_result, validate_result, submitted = received
-    check(train_result.params.keys() == before_send.keys() - {"head.weight"}, "the tied pair went twice")
+    train_result, validate_result, submitted, block_result = received
+    check(train_result.params.keys() == before_send[1].keys() - {"head.weight"}, "the tied pair went twice")
     check(train_result.meta[flare_ddp.TIED] == {"head.weight": "embed.weight"}, "the tie was not sent")
-    check(all(torch.equal(train_result.params[k], before_send[k]) for k in train_result.params), "the sent weights")
+    check(all(torch.equal(train_result.params[k], before_send[1][k]) for k in train_result.params), "the sent weights")
     check(train_result.params["steps"].dtype == torch.int64 and train_result.params["steps"] > 0, "the step count")
     check(validate_result.params is None and validate_result.metrics == {"accuracy": 0.5}, "the validate result")
     check(submitted.params.keys() == expected[1].keys() - {"head.weight"}, "the submitted keys")
     check(all(torch.equal(submitted.params[k], expected[1][k]) for k in submitted.params), "the submitted model")
+    check(block_result.params.keys() == block.keys() and flare_ddp.TIED not in block_result.meta, "the block's keys")
+    check(all(torch.equal(block_result.params[k], before_send[2][k]) for k in block), "the block sent")
 print(f"{mode} rank {rank}: every check holds", flush=True)
 dist.destroy_process_group()
 os._exit(0)  # past gloo's threads, which can abort a normal interpreter exit
