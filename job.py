@@ -28,6 +28,7 @@ from nvflare.recipe import (
 )
 
 from protocol import add_training_flags, positive_int, train_args
+from quantize import MODES, Dequantize, Quantize
 from server_fedavg import DtypeKeepingAggregator, LiveSitesEvaluation, MergingFedAvg, SendOnce, TolerantFedAvg
 
 # What every site runs, and the model the server starts from. To federate your own model and data, change these
@@ -135,6 +136,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="how weights travel between sites and server: as PyTorch tensors (any dtype, bf16 included), or as "
         "NumPy arrays (no bf16)",
     )
+    p.add_argument(
+        "--quantize_mode",
+        choices=MODES,
+        help="weights travel between server and sites quantized, both ways: float16 or bfloat16 (half of float32's "
+        "bytes), or blockwise8 (int8 in blocks of 256 values with a float32 scale each: about a quarter); integer "
+        "tensors travel exactly. Needs --exchange_format pytorch. Left out: full precision",
+    )
     add_training_flags(p)
     p.add_argument(
         "--initial_model",
@@ -178,6 +186,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             f"--nproc_per_node gives {len(args.nproc_per_node)} rank counts for {args.n_clients} sites: give one "
             "for every site, or one per site"
         )
+    if args.quantize_mode and args.exchange_format != "pytorch":
+        p.error(f"--quantize_mode {args.quantize_mode} needs --exchange_format pytorch: NumPy has no bfloat16")
     if args.min_clients is None:
         args.min_clients = args.n_clients
     if args.min_clients > args.n_clients:
@@ -297,10 +307,19 @@ def build_recipe(args: argparse.Namespace, gpu_blocks: list[list[str]] | None = 
     recipe.add_client_config(TRANSFER_TIMEOUTS)
     for module in TRAINER_FILES:
         recipe.add_client_file(os.path.join(HERE, module))
-    for module in ("server_fedavg.py", "flare_ddp.py"):  # the server's average, and the names it shares with sites
+    # The server's average, the names it shares with sites, and the filters.
+    for module in ("server_fedavg.py", "flare_ddp.py", "quantize.py"):
         recipe.add_server_file(os.path.join(HERE, module))
+    tasks = [AppConstants.TASK_TRAIN, AppConstants.TASK_VALIDATION]  # what carries weights to the sites
     # Each tensor goes to a site once: a tied pair's second name, and what the site has unchanged, are left out.
-    recipe.add_server_output_filter(SendOnce(), tasks=[AppConstants.TASK_TRAIN, AppConstants.TASK_VALIDATION])
+    recipe.add_server_output_filter(SendOnce(), tasks=tasks)
+    if args.quantize_mode:  # quantized as they leave, restored as they arrive, both ways
+        results = [AppConstants.TASK_TRAIN, AppConstants.TASK_SUBMIT_MODEL]  # what carries weights back
+        recipe.add_server_output_filter(Quantize(args.quantize_mode), tasks=tasks)
+        recipe.add_client_input_filter(Dequantize(), tasks=tasks)
+        recipe.add_client_output_filter(Quantize(args.quantize_mode), tasks=results)
+        recipe.add_server_input_filter(Dequantize(), tasks=results)
+        recipe.add_client_file(os.path.join(HERE, "quantize.py"))  # for the site's NVFlare client, not the trainer
     if args.use_tracking:
         add_experiment_tracking(recipe, "tensorboard")
     if args.cross_site_eval:

@@ -33,10 +33,11 @@ pytestmark = pytest.mark.e2e  # real runs of job.py or nvflare: the full tier on
 ROUNDS = 2  # of an exported job
 
 
-def export_job(data_root: str, folder) -> str:
+def export_job(data_root: str, folder, *args: str) -> str:
     result = run_job(
-        "--export", "--export-dir", str(folder), "--num_rounds", str(ROUNDS), "--data_root", data_root, timeout=120
-    )
+        "--export", "--export-dir", str(folder), "--num_rounds", str(ROUNDS), "--data_root", data_root, *args,
+        timeout=120,
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     return os.path.join(str(folder), JOB_NAME)
 
@@ -222,7 +223,11 @@ def poc(tmp_path_factory):
 
 @pytest.mark.xdist_group("poc")  # the tests of one POC run in one worker, which starts it once
 def test_exported_job_completes_on_poc_through_the_cli(poc, small_root, tmp_path):
-    job_dir = export_job(small_root, tmp_path / "export")
+    # Sharded sites, and weights quantized both ways: the filters travel in the job's config.
+    job_dir = export_job(small_root, tmp_path / "export", "--fsdp", "--quantize_mode", "blockwise8")
+    with open(os.path.join(job_dir, "app_site-1", "config", "config_fed_client.json")) as f:
+        config = f.read()
+    assert "--fsdp" in config and "quantize.Dequantize" in config and "quantize.Quantize" in config
     submitted = poc.nvflare("job", "submit", "-j", job_dir, "--startup-kit", poc.kit, timeout=120)
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
     job_id = re.search(r"job_id: (\S+)", submitted.stdout + submitted.stderr).group(1)
@@ -233,7 +238,9 @@ def test_exported_job_completes_on_poc_through_the_cli(poc, small_root, tmp_path
     assert downloaded.returncode == 0, downloaded.stdout + downloaded.stderr
     assert_finished(str(tmp_path / "result" / job_id / "workspace"), rounds=ROUNDS)
     for site in ("site-1", "site-2"):  # where docs/deploy.md says the site logs are
-        assert os.path.isfile(os.path.join(poc.project, site, job_id, "log.txt"))
+        with open(os.path.join(poc.project, site, job_id, "log.txt")) as f:
+            log = f.read()
+        assert re.search(r"Quantize - INFO .* tensors quantized to blockwise8: [\d,]+ -> ", log)  # its results
 
 
 @pytest.mark.xdist_group("poc")

@@ -17,7 +17,14 @@ from job import JOB_NAME, load_global_model
 from local_run.results import metric, read_rounds
 
 DOC = os.path.join(ROOT, "docs", "your-own-model-and-data.md")
-COPIED = ["flare_ddp.py", "job.py", "protocol.py", "server_fedavg.py", "local_run"]  # the doc's "What to copy"
+COPIED = [
+    "flare_ddp.py",
+    "job.py",
+    "protocol.py",
+    "server_fedavg.py",
+    "quantize.py",
+    "local_run",
+]  # the doc's "What to copy"
 
 
 def doc_blocks() -> dict[str, str]:
@@ -61,8 +68,9 @@ def points(n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
     return {"x": centres[y] + torch.randn(n, 16, generator=generator), "y": y}
 
 
-def run_points_job(tmp_path, blocks: dict[str, str]) -> tuple[subprocess.CompletedProcess, str]:
-    """Your project made from `blocks`, run for 3 rounds of 1 epoch on the doc's points: (the run, its workspace)."""
+def run_points_job(tmp_path, blocks: dict[str, str], *args: str) -> tuple[subprocess.CompletedProcess, str]:
+    """Your project made from `blocks`, run for 3 rounds of 1 epoch on the doc's points, with job.py's `args`: (the
+    run, its workspace)."""
     your_project(tmp_path / "yours", blocks)
     data = tmp_path / "data"
     data.mkdir()
@@ -72,8 +80,9 @@ def run_points_job(tmp_path, blocks: dict[str, str]) -> tuple[subprocess.Complet
     torch.save(points(1000, g), data / "test.pt")
     workspace = str(tmp_path / "ws")
     result = run_your_job(
-        tmp_path / "yours", "--num_rounds", "3", "--epochs", "1", "--data_root", str(data), "--workspace", workspace
-    )
+        tmp_path / "yours", "--num_rounds", "3", "--epochs", "1", "--data_root", str(data), "--workspace", workspace,
+        *args,
+    )  # fmt: skip
     return result, workspace
 
 
@@ -146,7 +155,8 @@ def task_lines(workspace: str, site: str) -> list[tuple[str, int, int, int]]:
 
 @pytest.mark.e2e
 def test_the_doc_fine_tunes_part_of_a_model_and_only_that_part_travels_after_round_0(tmp_path):
-    result, workspace = run_points_job(tmp_path, fine_tuning_blocks())
+    # Quantized both ways too: what is sent, what the server sends back, and what the site keeps.
+    result, workspace = run_points_job(tmp_path, fine_tuning_blocks(), "--quantize_mode", "blockwise8")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rounds = round_metrics(workspace)
     last = metric(rounds[-1]["aggregated_metrics"], "accuracy")
@@ -168,6 +178,11 @@ def test_the_doc_fine_tunes_part_of_a_model_and_only_that_part_travels_after_rou
         # best global model, which NVFlare reloads from their files) all but the frozen part, which the site keeps.
         later = [("train", 1, 7, 4), ("train", 2, 7, 4), ("validate", 0, 7, 4), ("validate", 0, 7, 4)]
         assert tasks == [("train", 0, len(initial), 0), *later]
+        with open(os.path.join(workspace, JOB_NAME, site, "log.txt")) as f:  # its results, quantized
+            sizes = re.findall(r"(\d+) tensors quantized to blockwise8: ([\d,]+) -> ([\d,]+) bytes", f.read())
+        assert len(sizes) == 3 and all(
+            int(n) == 6 and int(b.replace(",", "")) > int(a.replace(",", "")) for n, b, a in sizes
+        )
     assert processes_of(workspace) == []
 
 
@@ -316,7 +331,16 @@ def test_bf16_fp16_and_integer_tensors_keep_dtype_and_value_through_fedavg(tmp_p
     assert_clean(workspace)
 
 
-TRAINER_FILES = ["client.py", "flare_ddp.py", "data.py", "model.py", "protocol.py", "rank_exit.py", "server_fedavg.py"]
+TRAINER_FILES = [
+    "client.py",
+    "flare_ddp.py",
+    "data.py",
+    "model.py",
+    "protocol.py",
+    "rank_exit.py",
+    "server_fedavg.py",
+    "quantize.py",
+]
 
 
 def test_job_py_exports_without_the_runner(tmp_path):
