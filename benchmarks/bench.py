@@ -61,7 +61,11 @@ SYNTHETIC_TUNED = {
     "batch_size": 128, "lr": 0.2, "momentum": 0.5, "max_grad_norm": 2.0, "warmup_rounds": 2, "epochs": 2,
     "no_augment": True,
 }  # fmt: skip
-BASELINES = {"original": ORIGINAL_SETTINGS, "previous": PREVIOUS_DEFAULTS, "synthetic-tuned": SYNTHETIC_TUNED}
+BASELINES = {
+    "original": ORIGINAL_SETTINGS, "previous": PREVIOUS_DEFAULTS, "synthetic-tuned": SYNTHETIC_TUNED,
+    # The defaults with weights quantized both ways (quantize.py), against the defaults in full precision.
+    "blockwise8": {"quantize_mode": "blockwise8"},
+}  # fmt: skip
 
 
 def machine() -> str:
@@ -276,8 +280,8 @@ def main() -> None:
         "--baseline",
         choices=BASELINES,
         default="original",
-        help="item 4's baseline: the original example's settings, this project's first defaults (previous), or "
-        "its defaults chosen on the synthetic presets (synthetic-tuned)",
+        help="item 4's baseline: the original example's settings, this project's first defaults (previous), "
+        "its defaults chosen on the synthetic presets (synthetic-tuned), or the defaults quantized (blockwise8)",
     )
     p.add_argument("--ddp_epoch", type=int, help=argparse.SUPPRESS)  # internal: the torchrun worker
     p.add_argument(

@@ -45,6 +45,24 @@ def test_broadcast_in_buckets_gives_every_rank_rank_0s_tensors_in_place(tmp_path
         assert f"rank {rank}: all 53 tensors match" in result.stdout
 
 
+def test_a_task_must_make_up_the_model_with_the_sites_kept_copies(monkeypatch):
+    import torch
+
+    import flare_ddp
+
+    monkeypatch.setattr(flare_ddp, "_received", set())
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))  # names 0.weight, 0.bias, 1.*
+    full = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match="left out '0.weight' as this site's own copy, but this trainer was never"):
+        flare_ddp._check_complete(model, {"1.weight": full["1.weight"]}, ["0.weight"])  # a trainer started anew
+    flare_ddp._check_complete(model, full, [])  # the first task: everything
+    flare_ddp._check_complete(model, {"1.weight": full["1.weight"]}, ["0.weight", "0.bias", "1.bias"])
+    with pytest.raises(RuntimeError, match="the server's weights lack '1.bias' of this site's model, and it has no"):
+        flare_ddp._check_complete(model, {"1.weight": full["1.weight"]}, ["0.weight", "0.bias"])
+    with pytest.raises(RuntimeError, match="the server sent '2.weight', which this site's model does not have"):
+        flare_ddp._check_complete(model, {**full, "2.weight": full["1.weight"]}, [])
+
+
 TRANSFORMER_SITE = os.path.join(ROOT, "tests", "transformer_site")
 
 

@@ -286,12 +286,19 @@ def test_nvflare_export_flag_still_works(tmp_path):
         ["--num_rounds", "five"],
         ["--master_port", "80"],
         ["--seed", "-1"],
+        ["--quantize_mode", "int4"],
     ],
 )
 def test_bad_arguments_get_a_one_line_usage_error(bad, monkeypatch, capsys):
     code, _, err = job_main(monkeypatch, capsys, *bad)
     assert code == 2
     assert "error: argument " + bad[0] in err and "Traceback" not in err
+
+
+def test_quantizing_numpy_arrays_is_refused(monkeypatch, capsys):
+    code, _, err = job_main(monkeypatch, capsys, "--quantize_mode", "bfloat16", "--exchange_format", "numpy")
+    assert code == 2
+    assert "error: --quantize_mode bfloat16 needs --exchange_format pytorch: NumPy has no bfloat16" in err
 
 
 def test_ranks_of_a_local_run_share_the_cores():

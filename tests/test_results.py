@@ -36,6 +36,32 @@ def test_the_failed_ranks_own_error_line_is_preferred(tmp_path):
     assert diagnose(write_log(tmp_path, "site-2", text), "site-2") == "site-2 rank 1: ERROR: RuntimeError: boom"
 
 
+def test_a_rank_that_raised_without_a_line_of_its_own_is_named_from_torchs_traceback(tmp_path):
+    # A trainer of the user's own that raised before flare_ddp.init(): torch leads each traceback line with the rank.
+    text = (
+        "x - INFO - [rank0]: Traceback (most recent call last):\n"
+        "x - INFO - [rank1]:   File \"my_trainer.py\", line 9, in <module>\n"
+        "x - INFO - [rank1]:     raise ValueError('no data: x')\n"
+        "x - INFO - [rank1]: ValueError: no data: x\n"
+        "x - INFO - [rank0]: torch.distributed.DistBackendError: peer gone\n"
+    ) + ROOT_CAUSE.replace("-9 (pid: 7626){suffix}", "1 (pid: 7626)")
+    assert diagnose(write_log(tmp_path, "site-2", text), "site-2") == "site-2 rank 1: ERROR: ValueError: no data: x"
+
+
+def test_what_the_servers_workflow_raised_is_named_when_no_site_failed(tmp_path, capsys):
+    server_log = tmp_path / "server.log"
+    server_log.write_text(
+        "x - MergingFedAvg - ERROR - [identity=simulator_server] - Exception in model controller run: RuntimeError: "
+        "round 0: site-2 sent 'x', which the global model does not have; send the model's own names\n"
+    )
+    logs = write_log(tmp_path, "site-1", "")
+    assert summarize(str(tmp_path / "server"), str(server_log), ["site-1"], 1, logs) == 1
+    assert capsys.readouterr().err.splitlines()[-1].startswith(
+        "ERROR: the job stopped in round 0 of 1: the server stopped the job: round 0: site-2 sent 'x', which the "
+        "global model does not have; send the model's own names. Logs: "
+    )
+
+
 def test_what_a_site_logs_after_the_server_ended_its_run_is_no_cause(tmp_path):
     text = "x - INFO - server asked to end the run\nx - INFO - site-1 rank 0: ERROR: RuntimeError: late\n"
     assert diagnose(write_log(tmp_path, "site-1", text), "site-1") is None
