@@ -40,7 +40,7 @@ def test_a_rank_that_raised_without_a_line_of_its_own_is_named_from_torchs_trace
     # A trainer of the user's own that raised before flare_ddp.init(): torch leads each traceback line with the rank.
     text = (
         "x - INFO - [rank0]: Traceback (most recent call last):\n"
-        "x - INFO - [rank1]:   File \"my_trainer.py\", line 9, in <module>\n"
+        'x - INFO - [rank1]:   File "my_trainer.py", line 9, in <module>\n'
         "x - INFO - [rank1]:     raise ValueError('no data: x')\n"
         "x - INFO - [rank1]: ValueError: no data: x\n"
         "x - INFO - [rank0]: torch.distributed.DistBackendError: peer gone\n"
@@ -56,9 +56,13 @@ def test_what_the_servers_workflow_raised_is_named_when_no_site_failed(tmp_path,
     )
     logs = write_log(tmp_path, "site-1", "")
     assert summarize(str(tmp_path / "server"), str(server_log), ["site-1"], 1, logs) == 1
-    assert capsys.readouterr().err.splitlines()[-1].startswith(
-        "ERROR: the job stopped in round 0 of 1: the server stopped the job: round 0: site-2 sent 'x', which the "
-        "global model does not have; send the model's own names. Logs: "
+    assert (
+        capsys.readouterr()
+        .err.splitlines()[-1]
+        .startswith(
+            "ERROR: the job stopped in round 0 of 1: the server stopped the job: round 0: site-2 sent 'x', which the "
+            "global model does not have; send the model's own names. Logs: "
+        )
     )
 
 
