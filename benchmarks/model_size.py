@@ -4,6 +4,8 @@ For each size, an MLP of 4096 x 4096 layers, 2 sites x 2 ranks, one SGD step on 
 round is almost only weight traffic):
 - this job: the example's job.py, bridge and server, with the model and a trainer written as
   docs/your-own-model-and-data.md says (DDP; with --fsdp in the sizes given, the same trainer sharded with FSDP2);
+  its variants: weights quantized both ways (this-bfloat16, this-blockwise8: --quantize_mode), and a fine-tune that
+  trains the last layer only and sends it alone (this-last-layer: the rest frozen, sent once);
 - NVFlare's stock job: FedAvgRecipe with the PyTorch exchange format and an external trainer of one process a site
   (receive, load, one step, send);
 - the floor: the round's bytes (the model down to and up from every site) serialized as NVFlare does (safetensors)
@@ -17,6 +19,7 @@ Every process of a run has its RSS sampled every 0.2 s. It writes its own models
 import argparse
 import functools
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -37,7 +40,16 @@ from local_run.results import log_times  # noqa: E402
 
 WIDTH = 4096
 SITES = ["site-1", "site-2"]
-COPIED = ["flare_ddp.py", "job.py", "protocol.py", "server_fedavg.py", "local_run"]  # the doc's "What to copy"
+# The doc's "What to copy".
+COPIED = ["flare_ddp.py", "job.py", "protocol.py", "server_fedavg.py", "quantize.py", "local_run"]
+# This job's variants: their job.py flags, and whether they train the last layer alone.
+VARIANTS = {
+    "this": ([], False),
+    "this-fsdp": (["--fsdp"], False),
+    "this-bfloat16": (["--quantize_mode", "bfloat16"], False),
+    "this-blockwise8": (["--quantize_mode", "blockwise8"], False),
+    "this-last-layer": ([], True),
+}
 
 BIG_MODEL = """
 import torch
@@ -67,6 +79,9 @@ from big_model import DTYPE, WIDTH, Big
 
 dist.init_process_group("gloo")
 model = Big()
+if {last_layer}:  # a fine-tune: the last layer trains, the rest is frozen
+    model.layers[:-1].requires_grad_(False)
+frozen = {{name for name, p in model.named_parameters() if not p.requires_grad}}
 if {fsdp}:
     for layer in model.layers:
         fully_shard(layer)
@@ -80,13 +95,14 @@ for task in flare_ddp.tasks(model):
         own = model.state_dict() if task.kind == flare_ddp.SUBMIT_MODEL else None
         task.send(params=own, metrics={{"accuracy": 0.0}})
         continue
-    optimizer = torch.optim.SGD(trainer.parameters(), lr=1e-3)
+    optimizer = torch.optim.SGD([p for p in trainer.parameters() if p.requires_grad], lr=1e-3)
     loss = trainer(x).float().pow(2).mean()
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     del optimizer
-    task.send(params=model.state_dict(), metrics={{"accuracy": 0.0, "train_loss": loss.item()}}, weight=8)
+    trained = {{k: v for k, v in model.state_dict().items() if k not in frozen}}
+    task.send(params=trained, metrics={{"accuracy": 0.0, "train_loss": loss.item()}}, weight=8)
 dist.destroy_process_group()
 os._exit(0)
 """
@@ -145,7 +161,7 @@ while flare.is_running():
 """
 
 
-def write_project(folder: str, layers: int, dtype: str, fsdp: bool, width: int = WIDTH) -> None:
+def write_project(folder: str, layers: int, dtype: str, job: str, width: int = WIDTH) -> None:
     """The example made someone's own, as the doc says, with the model and trainer above; and the stock job."""
     os.makedirs(folder)
     for name in COPIED:
@@ -156,7 +172,7 @@ def write_project(folder: str, layers: int, dtype: str, fsdp: bool, width: int =
             shutil.copy(source, folder)
     files = {
         "big_model.py": BIG_MODEL.format(layers=layers, width=width, dtype=dtype),
-        "big_trainer.py": BIG_TRAINER.format(fsdp=fsdp),
+        "big_trainer.py": BIG_TRAINER.format(fsdp=job == "this-fsdp", last_layer=VARIANTS.get(job, ([], False))[1]),
         "stock_job.py": STOCK_JOB,
         "stock_trainer.py": STOCK_TRAINER,
     }
@@ -233,6 +249,29 @@ def run(folder: str, command: list[str], server_log: str, trainer: str) -> dict:
     return {"wall": wall, "round": sum(rounds) / len(rounds) if rounds else float("nan"), **peaks}
 
 
+def bytes_moved(logs: str, round_: int = 1) -> tuple[int, int]:
+    """What round `round_` moved between the server and the sites of a run of this job, measured: (down, up) bytes,
+    from what flare_ddp says each site received and sent, or where weights travel quantized, from what the filters
+    say they made of them (the server's for each site's task, each site's for its result)."""
+    with open(os.path.join(logs, "server", "log.txt")) as f:
+        server = f.read()
+    down = up = 0
+    for site in SITES:
+        with open(os.path.join(logs, site, "log.txt")) as f:
+            log = f.read()
+        received = re.search(rf"flare_ddp: train task of round {round_}: received \d+ tensors, ([\d,]+) bytes", log)
+        sent = re.search(rf"flare_ddp: train task of round {round_}: sent \d+ tensors, ([\d,]+) bytes", log)
+        down_q = re.findall(rf"peer={site},.*task_name=train,.* tensors quantized to \w+: [\d,]+ -> ([\d,]+)", server)
+        up_q = re.findall(r"tensors quantized to \w+: [\d,]+ -> ([\d,]+) bytes", log)
+        down += _int(down_q[round_] if down_q else received[1])
+        up += _int(up_q[round_] if up_q else sent[1])
+    return down, up
+
+
+def _int(text: str) -> int:
+    return int(text.replace(",", ""))
+
+
 def loopback_seconds(state: dict, times: int) -> float:
     """The floor: serialize `state` as NVFlare's tensor downloader does (safetensors), move it through a loopback
     socket, and load it back, `times` times, in one process."""
@@ -269,16 +308,18 @@ def measure(
     with tempfile.TemporaryDirectory() as tmp:
         for job in jobs:
             folder = os.path.join(tmp, job)
-            write_project(folder, layers, dtype, fsdp=job == "this-fsdp", width=width)
+            write_project(folder, layers, dtype, job, width=width)
             workspace = os.path.join(tmp, f"{job}-ws")
             if job == "stock":
                 command = [sys.executable, "stock_job.py", str(rounds), workspace]
                 server_log, trainer = os.path.join(workspace, "stock", "server", "log.txt"), "stock_trainer.py"
             else:
                 command = [sys.executable, "job.py", "--num_rounds", str(rounds), "--workspace", workspace,
-                           "--nproc_per_node", str(ranks), "--data_root", tmp]  # fmt: skip
+                           "--nproc_per_node", str(ranks), "--data_root", tmp, *VARIANTS[job][0]]  # fmt: skip
                 server_log, trainer = os.path.join(workspace, "pt_ddp_fedavg", "server", "log.txt"), "big_trainer.py"
             results[job] = run(folder, [*prefix, *command], server_log, trainer)
+            if job != "stock":
+                results[job]["moved"] = bytes_moved(os.path.join(workspace, "pt_ddp_fedavg"))
             shutil.rmtree(workspace, ignore_errors=True)
     return results
 
@@ -287,13 +328,15 @@ def rows(layers: int, dtype: str, results: dict, bases: dict) -> list[str]:
     """Markdown rows, one a job and the floor. bases: each job's peaks with a model of 64 KiB, which a process
     holds whatever the model: the server's peak above it is what the model costs it."""
     model_bytes = layers * WIDTH * WIDTH * torch.finfo(getattr(torch, dtype)).bits // 8
-    moved = 2 * len(SITES) * model_bytes  # down to and up from every site
+    moved = 2 * len(SITES) * model_bytes  # the whole model down to and up from every site
     lines = []
     for job, r in results.items():
         above = r["server"] - bases[job]["server"]
         others = [r[k] for k in r if k.startswith("rank ") and k != "rank 0"]
+        down, up = r.get("moved", (moved // 2, moved // 2))  # the stock job's: the whole model, computed
         lines.append(
-            f"| {mib(model_bytes)} MiB {dtype} | {job} | {r['round']:.1f} | {r['wall']:.1f} | {mib(moved)} | "
+            f"| {mib(model_bytes)} MiB {dtype} | {job} | {r['round']:.1f} | {r['wall']:.1f} | "
+            f"{mib(down)} + {mib(up)} | "
             f"{mib(r['server'])} | {mib(above)} ({above / model_bytes:.1f}x) | {mib(r.get('rank 0', 0))} | "
             f"{mib(max(others)) if others else '-'} | {mib(r['all'])} |"
         )
@@ -306,8 +349,8 @@ def rows(layers: int, dtype: str, results: dict, bases: dict) -> list[str]:
 
 
 HEADER = [
-    "| model | job | marginal round (s) | whole job (s) | MiB moved a round | peak RSS server, MiB | server above its "
-    "base (x model) | rank 0 | another rank | all processes |",
+    "| model | job | marginal round (s) | whole job (s) | MiB down + up in round 1 | peak RSS server, MiB | server "
+    "above its base (x model) | rank 0 | another rank | all processes |",
     "|---|---|---|---|---|---|---|---|---|---|",
 ]
 
@@ -331,9 +374,7 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--rounds", type=int, default=3, help="rounds of each job")
     p.add_argument("--ranks", type=int, default=2, help="ranks of each site of this job (the stock job has one)")
-    p.add_argument(
-        "--jobs", nargs="+", default=["this", "stock"], choices=["this", "this-fsdp", "stock"], help="jobs to run"
-    )
+    p.add_argument("--jobs", nargs="+", default=["this", "stock"], choices=[*VARIANTS, "stock"], help="jobs to run")
     args = p.parse_args()
     report([(layers, args.dtype) for layers in args.layers], args.rounds, args.jobs, args.ranks)
 
