@@ -49,6 +49,7 @@ VARIANTS = {
     "this-bfloat16": (["--quantize_mode", "bfloat16"], False),
     "this-blockwise8": (["--quantize_mode", "blockwise8"], False),
     "this-last-layer": ([], True),
+    "this-fsdp-last-layer": (["--fsdp"], True),
 }
 
 BIG_MODEL = """
@@ -172,7 +173,9 @@ def write_project(folder: str, layers: int, dtype: str, job: str, width: int = W
             shutil.copy(source, folder)
     files = {
         "big_model.py": BIG_MODEL.format(layers=layers, width=width, dtype=dtype),
-        "big_trainer.py": BIG_TRAINER.format(fsdp=job == "this-fsdp", last_layer=VARIANTS.get(job, ([], False))[1]),
+        "big_trainer.py": BIG_TRAINER.format(
+            fsdp="--fsdp" in VARIANTS.get(job, ([], False))[0], last_layer=VARIANTS.get(job, ([], False))[1]
+        ),
         "stock_job.py": STOCK_JOB,
         "stock_trainer.py": STOCK_TRAINER,
     }
@@ -324,10 +327,10 @@ def measure(
     return results
 
 
-def rows(layers: int, dtype: str, results: dict, bases: dict) -> list[str]:
+def rows(layers: int, dtype: str, results: dict, bases: dict, width: int = WIDTH) -> list[str]:
     """Markdown rows, one a job and the floor. bases: each job's peaks with a model of 64 KiB, which a process
     holds whatever the model: the server's peak above it is what the model costs it."""
-    model_bytes = layers * WIDTH * WIDTH * torch.finfo(getattr(torch, dtype)).bits // 8
+    model_bytes = layers * width * width * torch.finfo(getattr(torch, dtype)).bits // 8
     moved = 2 * len(SITES) * model_bytes  # the whole model down to and up from every site
     lines = []
     for job, r in results.items():
@@ -340,7 +343,7 @@ def rows(layers: int, dtype: str, results: dict, bases: dict) -> list[str]:
             f"{mib(r['server'])} | {mib(above)} ({above / model_bytes:.1f}x) | {mib(r.get('rank 0', 0))} | "
             f"{mib(max(others)) if others else '-'} | {mib(r['all'])} |"
         )
-    state = {f"layers.{i}.weight": torch.zeros(WIDTH, WIDTH, dtype=getattr(torch, dtype)) for i in range(layers)}
+    state = {f"layers.{i}.weight": torch.zeros(width, width, dtype=getattr(torch, dtype)) for i in range(layers)}
     floor = loopback_seconds(state, 2 * len(SITES))
     lines.append(
         f"| {mib(model_bytes)} MiB {dtype} | floor: loopback socket | {floor:.1f} | | {mib(moved)} |" + " |" * 5
@@ -359,12 +362,12 @@ HEADER = [
 SIZES = [(1, "float32"), (4, "float32"), (12, "float32"), (12, "bfloat16")]
 
 
-def report(sizes: list[tuple[int, str]], rounds: int, jobs: list[str], ranks: int) -> None:
+def report(sizes: list[tuple[int, str]], rounds: int, jobs: list[str], ranks: int, width: int = WIDTH) -> None:
     """Print the table: each (layers, dtype) of `sizes`, each job."""
     bases = {dtype: measure(1, dtype, rounds, jobs, ranks, width=128) for dtype in {d for _, d in sizes}}
     print("\n".join(HEADER), flush=True)
     for layers, dtype in sizes:
-        for line in rows(layers, dtype, measure(layers, dtype, rounds, jobs, ranks), bases[dtype]):
+        for line in rows(layers, dtype, measure(layers, dtype, rounds, jobs, ranks, width), bases[dtype], width):
             print(line, flush=True)
 
 
@@ -373,10 +376,11 @@ def main() -> None:
     p.add_argument("--layers", type=int, nargs="+", default=[1, 4, 12], help="4096 x 4096 layers of each model")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--rounds", type=int, default=3, help="rounds of each job")
+    p.add_argument("--width", type=int, default=WIDTH, help="each layer is width x width")
     p.add_argument("--ranks", type=int, default=2, help="ranks of each site of this job (the stock job has one)")
     p.add_argument("--jobs", nargs="+", default=["this", "stock"], choices=[*VARIANTS, "stock"], help="jobs to run")
     args = p.parse_args()
-    report([(layers, args.dtype) for layers in args.layers], args.rounds, args.jobs, args.ranks)
+    report([(layers, args.dtype) for layers in args.layers], args.rounds, args.jobs, args.ranks, args.width)
 
 
 if __name__ == "__main__":

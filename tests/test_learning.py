@@ -16,12 +16,11 @@ pytestmark = pytest.mark.e2e  # real runs of job.py or nvflare: the full tier on
 @pytest.mark.parametrize(
     "seed, sites",
     [
-        # 1 rank a site: a site's ranks change its speed, not its model (test_gpu_plan.py) ...
+        # 1 rank a site: a site's ranks change its speed, not its model (test_gpu_plan.py), and so does FSDP, which
+        # reaches DDP's global model (test_fsdp.py, test_transformer.py).
         (0, ["--nproc_per_node", "1"]),
         (1, ["--nproc_per_node", "1"]),
         (2, ["--nproc_per_node", "1"]),
-        # ... and FSDP changes how its ranks hold it (test_fsdp.py); sharding needs 2.
-        (0, ["--nproc_per_node", "2", "--fsdp"]),
     ],
 )
 def test_defaults_climb_without_a_dip_on_three_skewed_sites(small_root, tmp_path, seed, sites):
