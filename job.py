@@ -29,7 +29,14 @@ from nvflare.recipe import (
 
 from protocol import add_training_flags, positive_int, train_args
 from quantize import MODES, Dequantize, Quantize
-from server_fedavg import DtypeKeepingAggregator, LiveSitesEvaluation, MergingFedAvg, SendOnce, TolerantFedAvg
+from server_fedavg import (
+    DtypeKeepingAggregator,
+    ForgetTrained,
+    LiveSitesEvaluation,
+    MergingFedAvg,
+    SendOnce,
+    TolerantFedAvg,
+)
 
 # What every site runs, and the model the server starts from. To federate your own model and data, change these
 # four (docs/your-own-model-and-data.md).
@@ -310,11 +317,14 @@ def build_recipe(args: argparse.Namespace, gpu_blocks: list[list[str]] | None = 
     # The server's average, the names it shares with sites, and the filters.
     for module in ("server_fedavg.py", "flare_ddp.py", "quantize.py"):
         recipe.add_server_file(os.path.join(HERE, module))
-    tasks = [AppConstants.TASK_TRAIN, AppConstants.TASK_VALIDATION]  # what carries weights to the sites
-    # Each tensor goes to a site once: a tied pair's second name, and what the site has unchanged, are left out.
+    # What carries weights to the sites, and back (NVFlare wants the filters of one side on the same task sets).
+    tasks = [AppConstants.TASK_TRAIN, AppConstants.TASK_VALIDATION]
+    results = [AppConstants.TASK_TRAIN, AppConstants.TASK_SUBMIT_MODEL]
+    # Each tensor goes to a site once: a tied pair's second name, and what the site has unchanged, are left out; what
+    # a site sent back, it may have changed.
     recipe.add_server_output_filter(SendOnce(), tasks=tasks)
+    recipe.add_server_input_filter(ForgetTrained(), tasks=results)
     if args.quantize_mode:  # quantized as they leave, restored as they arrive, both ways
-        results = [AppConstants.TASK_TRAIN, AppConstants.TASK_SUBMIT_MODEL]  # what carries weights back
         recipe.add_server_output_filter(Quantize(args.quantize_mode), tasks=tasks)
         recipe.add_client_input_filter(Dequantize(), tasks=tasks)
         recipe.add_client_output_filter(Quantize(args.quantize_mode), tasks=results)

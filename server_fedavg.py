@@ -220,6 +220,26 @@ class LiveSitesEvaluation(CrossSiteModelEval):
         self._participating_clients = [site for site in self._participating_clients if site not in dropped]
 
 
+# (job, site): {name: the digest of the values that site was last sent and still holds}. Module-wide, because SendOnce
+# (on the tasks) and ForgetTrained (on the results) are two filters, each built from the job's config.
+_SENT: dict[tuple, dict[str, tuple]] = {}
+
+
+class ForgetTrained(Filter):
+    """On a site's result: the names in it are what the site trained (or may have), so its copies of them are no
+    longer known to be what it was sent, and SendOnce sends them again."""
+
+    def process(self, shareable, fl_ctx):
+        try:
+            dxo = from_shareable(shareable)
+        except ValueError:  # a failed task's result
+            return shareable
+        sent = _SENT.get((fl_ctx.get_job_id(), fl_ctx.get_peer_context().get_identity_name()), {})
+        for name in dxo.data if isinstance(dxo.data, dict) else []:
+            sent.pop(name, None)
+        return shareable
+
+
 class SendOnce(Filter):
     """The server's task data, less what the receiving site has already: each tensor reaches a site once.
 
@@ -229,7 +249,8 @@ class SendOnce(Filter):
     - A tensor this site was sent before, whose values have not changed since, is left out and named in the task's
       meta (flare_ddp.KEPT): the site keeps its own copy. So what no site trains, and sends, reaches a site once, in
       its first task; after that only what the sites train travels. A site's model that lacks some names (a site
-      that sends only what it trains) is completed at another site with that site's own copies of them.
+      that sends only what it trains) is completed at another site with that site's own copies of them. What a
+      site sent back from training (ForgetTrained, on the results) is sent again in any case: its copy has changed.
 
     A tensor's values are known by a digest, taken once per tensor object and kept with a weak reference to it, so
     the filter holds no tensor: the global model's untouched tensors stay the same objects from round to round, and
@@ -238,7 +259,6 @@ class SendOnce(Filter):
     def __init__(self):
         super().__init__()
         self._seen = {}  # alias: name, of every tied pair seen so far
-        self._sent = {}  # site: {name: digest of the values it was last sent}
         self._digests = {}  # id(tensor): (weak reference to it, its version counter, its digest)
 
     def process(self, shareable, fl_ctx):
@@ -251,7 +271,7 @@ class SendOnce(Filter):
         data, site = dxo.data, fl_ctx.get_peer_context().get_identity_name()
         self._seen.update(tied_names(data.items()))
         tied = {a for a, name in self._seen.items() if {a, name} <= data.keys() and _equal(data[a], data[name])}
-        sent = self._sent.setdefault(site, {})
+        sent = _SENT.setdefault((fl_ctx.get_job_id(), site), {})
         kept = [name for name in sent if name not in data or name in tied]  # the site's own copies stand in
         new = {}
         for name, value in data.items():

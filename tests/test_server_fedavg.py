@@ -1,5 +1,7 @@
 """The server's aggregation, in process: what the sites' results average to, in which dtype, and what it holds."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +13,7 @@ from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
 from flare_ddp import KEPT, TIED
-from server_fedavg import DtypeKeepingAggregator, MergingFedAvg, SendOnce
+from server_fedavg import DtypeKeepingAggregator, ForgetTrained, MergingFedAvg, SendOnce
 
 
 def result(params, weight, site="site-1", metrics=None):
@@ -107,13 +109,19 @@ def test_a_tied_pair_sent_once_comes_back_under_both_names_as_one_tensor_and_goe
     assert sorted(send(once, reloaded, "site-3")) == ["b", "embed.weight", "head.weight"]
 
 
-def send(once: SendOnce, params: dict, site: str, meta: dict | None = None) -> dict:
-    """What the filter lets through of a task for `site` that carries `params`; `meta` gets the task's meta."""
+def context(site: str) -> FLContext:
+    """The server's context of a task for `site` (or its result), in a job of its own for each test."""
     peer = FLContext()
     peer.set_prop(ReservedKey.IDENTITY_NAME, site, private=False, sticky=False)
     fl_ctx = FLContext()
     fl_ctx.set_peer_context(peer)
-    dxo = from_shareable(once.process(FLModelUtils.to_shareable(FLModel(params=params)), fl_ctx))
+    fl_ctx.set_prop(ReservedKey.RUN_NUM, os.environ.get("PYTEST_CURRENT_TEST"), private=False, sticky=False)
+    return fl_ctx
+
+
+def send(once: SendOnce, params: dict, site: str, meta: dict | None = None) -> dict:
+    """What the filter lets through of a task for `site` that carries `params`; `meta` gets the task's meta."""
+    dxo = from_shareable(once.process(FLModelUtils.to_shareable(FLModel(params=params)), context(site)))
     (meta if meta is not None else {}).update(dxo.meta)
     return dxo.data
 
@@ -142,6 +150,18 @@ def test_each_tensor_reaches_a_site_once_until_it_changes(numpy):
     assert sorted(meta[KEPT]) == ["backbone", "steps"]
     # A site never sent a name gets it whatever the others have.
     assert send(once, {"head": copies["head"] * 3}, "site-3", meta).keys() == {"head"} and meta[KEPT] == []
+
+
+def test_what_a_site_trained_and_sent_back_goes_to_it_again_even_unchanged():
+    # The best global model can be the one the last round started from: exactly what each site was sent then, and
+    # has trained since.
+    model = {"backbone": torch.ones(4), "head": torch.zeros(2)}
+    once = SendOnce()
+    assert send(once, model, "site-1").keys() == {"backbone", "head"}
+    result = FLModelUtils.to_shareable(FLModel(params={"head": torch.ones(2)}))
+    ForgetTrained().process(result, context("site-1"))
+    meta = {}
+    assert send(once, model, "site-1", meta).keys() == {"head"} and meta[KEPT] == ["backbone"]
 
 
 def fed_avg(global_model: dict) -> MergingFedAvg:
