@@ -161,9 +161,11 @@ def _load(model: torch.nn.Module, weights: dict | None, kept: list[str] | None) 
     """Every rank: rank 0's received weights (None elsewhere) into `model` on every rank, in place: the parameter
     objects stay the same, so an optimizer built before the task keeps stepping them. `kept`: the names the server
     left out because this site has them from an earlier task."""
-    if dist.get_rank() == 0:  # a tied pair arrives under one name (server_fedavg.SendOnce): give it both
-        weights = {**{alias: weights[name] for alias, name in _ties(model).items() if name in weights}, **weights}
-        _check_complete(model, weights, kept or [])
+    if dist.get_rank() == 0:  # a tied pair arrives under one name, or is kept (server_fedavg.SendOnce): give it both
+        ties = _ties(model)
+        weights = {**{alias: weights[name] for alias, name in ties.items() if name in weights}, **weights}
+        kept = [*(kept or []), *(alias for alias, name in ties.items() if name in (kept or []))]
+        _check_complete(model, weights, kept)
     if _reshard(model):  # sharded: each rank takes its shard of rank 0's
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
         set_model_state_dict(model, weights if dist.get_rank() == 0 else {}, options=options)

@@ -246,7 +246,10 @@ def run(folder: str, command: list[str], server_log: str, trainer: str) -> dict:
     wall = time.time() - started
     peaks = memory.stop()
     if process.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed ({process.returncode}):\n{output[-3000:]}")
+        peaks_mib = {name: mib(value) for name, value in peaks.items()}
+        raise RuntimeError(
+            f"{' '.join(command)} failed ({process.returncode}), peak RSS MiB {peaks_mib}:\n{output[-3000:]}"
+        )
     sends = log_times(server_log, "Sending task train")
     rounds = [b - a for a, b in zip(sends[1:], sends[2:])]  # round 0 holds start-up; the last has no next
     return {"wall": wall, "round": sum(rounds) / len(rounds) if rounds else float("nan"), **peaks}

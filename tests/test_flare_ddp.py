@@ -8,6 +8,8 @@ import pytest
 
 from conftest import OWN_NETWORK, ROOT, venv_env
 
+TRANSFORMER_SITE = os.path.join(ROOT, "tests", "transformer_site")
+
 # Rank 0's tensors of mixed dtypes and sizes, the others' zeros: after _broadcast every rank holds rank 0's, in
 # place (the same tensor objects), and a tensor above the bucket size went alone.
 BROADCAST = """
@@ -63,7 +65,24 @@ def test_a_task_must_make_up_the_model_with_the_sites_kept_copies(monkeypatch):
         flare_ddp._check_complete(model, {**full, "2.weight": full["1.weight"]}, [])
 
 
-TRANSFORMER_SITE = os.path.join(ROOT, "tests", "transformer_site")
+def test_a_frozen_tied_embedding_kept_at_the_site_keeps_its_tied_head_too(monkeypatch):
+    import torch
+
+    import flare_ddp
+
+    monkeypatch.syspath_prepend(TRANSFORMER_SITE)
+    from my_transformer import TinyLM
+
+    monkeypatch.setattr(flare_ddp, "_received", set())
+    monkeypatch.setattr(flare_ddp.dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(flare_ddp.dist, "broadcast_object_list", lambda objects, src, group: None)
+    monkeypatch.setattr(flare_ddp, "_broadcast", lambda tensors: None)
+    model, server = TinyLM(seed=0), TinyLM(seed=1).state_dict()
+    flare_ddp._load(model, {k: v for k, v in server.items() if k != "head.weight"}, None)  # round 0: all, tied once
+    trained = {k: v + 1 for k, v in server.items() if k.startswith("blocks.")}
+    flare_ddp._load(model, trained, [k for k in server if not k.startswith("blocks.") and k != "head.weight"])
+    assert model.head.weight is model.embed.weight and torch.equal(model.embed.weight, server["embed.weight"])
+    assert torch.equal(model.blocks[0].norm1.weight, trained["blocks.0.norm1.weight"])
 
 
 @pytest.mark.parametrize("mode, ranks", [("ddp", 3), ("fsdp", 3), ("hsdp", 4)])
