@@ -10,9 +10,12 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
+import nvflare.lighter
+import yaml
 from nvflare.recipe import PocEnv, ProdEnv
 from nvflare.tool.poc.poc_commands import get_poc_workspace
 
@@ -149,9 +152,34 @@ def run_on_system(recipe, args: argparse.Namespace, sites: list[str]) -> int:
                 file=sys.stderr,
             )
             return 2
-        env = PocEnv(num_clients=len(sites), clients=sites)
-    else:
-        env = ProdEnv(startup_kit_location=args.startup_kit)
+        with tempfile.TemporaryDirectory() as folder:  # NVFlare copies the project file into the POC
+            env = PocEnv(project_conf_path=poc_project(sites, folder))
+            return run_on(env, recipe, args, sites)
+    return run_on(ProdEnv(startup_kit_location=args.startup_kit), recipe, args, sites)
+
+
+def poc_project(sites: list[str], folder: str) -> str:
+    """A project file for --env poc in `folder`: NVFlare's sample project with `sites` as its clients, and a server on
+    two ports that are free now in place of NVFlare's fixed 8002 and 8003, so that the POC meets no other program's
+    ports on this machine, another POC's included."""
+    with open(os.path.join(os.path.dirname(nvflare.lighter.__file__), "dummy_project.yml")) as f:
+        project = yaml.safe_load(f)
+    server = next(p for p in project["participants"] if p["type"] == "server")
+    with socket.socket() as a, socket.socket() as b:
+        a.bind(("", 0))
+        b.bind(("", 0))
+        server.update(name="server", fed_learn_port=a.getsockname()[1], admin_port=b.getsockname()[1])
+    admins = [p for p in project["participants"] if p["type"] == "admin"]
+    project["participants"] = [server, *({"name": site, "type": "client", "org": server["org"]} for site in sites),
+                               *admins]  # fmt: skip
+    path = os.path.join(folder, "project.yml")
+    with open(path, "w") as f:
+        yaml.safe_dump(project, f, sort_keys=False)
+    return path
+
+
+def run_on(env, recipe, args: argparse.Namespace, sites: list[str]) -> int:
+    """Submit the job to `env`, a POC that this run starts or a running system; wait, stop the POC, report."""
     run = result = status = failure = None
     poc = [get_poc_workspace()] if args.env == "poc" else []
     with keeper(poc) as keeper_process, Watchdog(None, sites) as watchdog:

@@ -4,6 +4,7 @@ import glob
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,19 +18,23 @@ sys.path.insert(0, ROOT)
 from data import load_cifar10, normalize  # noqa: E402
 from job import JOB_NAME  # noqa: E402
 from local_run.results import log_times, metric, read_rounds  # noqa: E402
+from local_run.runner import poc_project  # noqa: E402
 from protocol import TRAINING_FLAGS  # noqa: E402
 
 
 def pytest_configure(config):
-    made = subprocess.run([*UNSHARE, "--net", "true"], capture_output=True, text=True)
-    if made.returncode != 0:  # a kernel that allows no unprivileged user namespaces (some distributions' default)
-        raise pytest.UsageError(
-            f"the tests give each real run a network namespace of its own, and `{' '.join(UNSHARE)} --net` failed "
-            f"here ({made.stderr.strip()}): run them as root, or allow unprivileged user namespaces"
-        )
     config.addinivalue_line(
         "markers", "e2e: a real run of job.py or of NVFlare's CLI (the full tier; `-m 'not e2e'` leaves them out)"
     )
+
+
+def pytest_report_header(config):
+    if not ISOLATED:
+        return (
+            f"network: `{' '.join(UNSHARE)} --net` is not allowed here, so the real runs share this machine's "
+            "network, each on free ports of its own"
+        )
+    return None
 
 
 def pytest_collection_modifyitems(items):
@@ -40,15 +45,22 @@ def pytest_collection_modifyitems(items):
 
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 NVFLARE = os.path.join(os.path.dirname(sys.executable), "nvflare")
-# Every real run gets a network of its own, a namespace with nothing but loopback: the ports it listens on (a fixed
-# --master_port, a POC's 8002 and 8003) never meet another test's, nor those of another copy of the suite. Root makes
+# Every real run gets a network of its own, a namespace with nothing but loopback: the ports it listens on never meet
+# another test's, nor those of another copy of the suite, nor another program's. Root makes
 # namespaces directly; a normal user makes a user namespace first, in which it is root: Linux allows that by default
 # (unprivileged user namespaces). LOOPBACK_UP raises loopback, which a new namespace starts without, and runs the rest
 # of its command line (no `ip` needed: a GPU machine may lack it).
 UNSHARE = ["unshare"] if os.geteuid() == 0 else ["unshare", "--user", "--map-root-user"]
 LOOPBACK_UP = [sys.executable, "-c", "import fcntl, os, socket, struct, sys; fcntl.ioctl(socket.socket(), 0x8914, "
                "struct.pack('16sH', b'lo', 0x41)); os.execvp(sys.argv[1], sys.argv[1:])"]  # fmt: skip
-OWN_NETWORK = [*UNSHARE, "--net", *LOOPBACK_UP]
+# Where the kernel allows no unprivileged user namespaces (some distributions' default), the real runs share the
+# machine's network instead, and every port they listen on is a free one (free_ports, and --env poc's own).
+# DDP_EXAMPLE_SHARED_NETWORK=1 makes a machine that allows them run the tests that way too.
+ISOLATED = (
+    not os.environ.get("DDP_EXAMPLE_SHARED_NETWORK")
+    and subprocess.run([*UNSHARE, "--net", "true"], capture_output=True).returncode == 0
+)
+OWN_NETWORK = [*UNSHARE, "--net", *LOOPBACK_UP] if ISOLATED else []
 POC_PROJECT = os.path.join("example_project", "prod_00")  # in a POC workspace: a folder per participant
 
 
@@ -164,7 +176,10 @@ class Poc:
 def network_namespace():
     """A network namespace with nothing but loopback, for the several commands of one run (a POC and the CLI calls to
     it, two jobs side by side), held open by a process that waits in it; yields the prefix that runs a command in
-    it."""
+    it (nothing where the machine's network is shared)."""
+    if not ISOLATED:
+        yield []
+        return
     holder = subprocess.Popen(
         [*OWN_NETWORK, sys.executable, "-c", "import signal; print('up', flush=True); signal.pause()"],
         stdout=subprocess.PIPE, text=True,
@@ -185,7 +200,9 @@ def poc_system(folder, env_of: dict[str, dict] | None = None):
     whatever happens; yields the Poc."""
     with network_namespace() as net:
         poc = Poc(os.path.join(str(folder), "poc"), net)
-        prepared = poc.nvflare("poc", "prepare", "-n", "2", "--force", cwd=folder, timeout=120)
+        # NVFlare's sample project with free ports, as --env poc prepares its own: no fixed port is shared.
+        project = poc_project(["site-1", "site-2"], str(folder))
+        prepared = poc.nvflare("poc", "prepare", "-i", project, "--force", cwd=folder, timeout=120)
         assert prepared.returncode == 0, prepared.stderr
         try:
             for name in ("server", "site-1", "site-2"):
@@ -205,6 +222,27 @@ def poc_system(folder, env_of: dict[str, dict] | None = None):
             cleaned = poc.nvflare("poc", "clean", cwd=folder, timeout=60)
     assert left == [], "POC processes outlived `nvflare poc stop`"
     assert not os.path.exists(poc.workspace), cleaned.stdout + cleaned.stderr
+
+
+def free_ports(count: int = 1) -> int:
+    """The first of `count` consecutive ports that nothing listens on now (a site N's --master_port is the first's +
+    N - 1); in a network of the test's own they are free anyway, and on a shared one another program's are left."""
+    for _ in range(100):
+        with socket.socket() as probe:
+            probe.bind(("", 0))
+            first = probe.getsockname()[1]
+        if first + count <= 65000 and all(_free(port) for port in range(first, first + count)):
+            return first
+    raise RuntimeError(f"no {count} consecutive free ports found")
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("", port))
+        except OSError:
+            return False
+    return True
 
 
 def processes_of(path: str) -> list[str]:

@@ -21,6 +21,7 @@ import pytest
 from conftest import (
     ROOT,
     assert_learns,
+    free_ports,
     job_command,
     processes_left,
     processes_of,
@@ -68,7 +69,7 @@ def test_fault_ends_the_job_naming_site_rank_and_phase(phase, kind, small_root, 
     workspace = str(tmp_path)
     result = run_job(
         "--num_rounds", str(ROUNDS), "--data_root", small_root, "--workspace", workspace,
-        "--master_port", "7830", timeout=300, DDP_EXAMPLE_FAULT=f"{site}:{rank}:{phase}:{kind}",
+        "--master_port", str(free_ports(3)), timeout=300, DDP_EXAMPLE_FAULT=f"{site}:{rank}:{phase}:{kind}",
     )  # fmt: skip
     ended = time.time()
 
@@ -88,7 +89,7 @@ def test_fsdp_rank_killed_in_a_round_in_the_gather_or_in_the_evaluation_ends_the
     workspace = str(tmp_path)
     result = run_job(
         "--fsdp", "--num_rounds", str(ROUNDS), "--data_root", small_root, "--workspace", workspace,
-        "--master_port", "7830", timeout=300, DDP_EXAMPLE_FAULT=f"site-2:1:{phase}:kill",
+        "--master_port", str(free_ports(3)), timeout=300, DDP_EXAMPLE_FAULT=f"site-2:1:{phase}:kill",
     )  # fmt: skip
     ended = time.time()
 
@@ -105,7 +106,7 @@ def test_stuck_rank_ends_its_site_after_the_stall_timeout(small_root, tmp_path):
     workspace = str(tmp_path)
     result = run_job(
         "--num_rounds", str(ROUNDS), "--stall_timeout", "10", "--data_root", small_root,
-        "--workspace", workspace, "--master_port", "7830", timeout=300, DDP_EXAMPLE_FAULT="site-2:1:1:stop",
+        "--workspace", workspace, "--master_port", str(free_ports(3)), timeout=300, DDP_EXAMPLE_FAULT="site-2:1:1:stop",
     )  # fmt: skip
     ended = time.time()
 
@@ -136,7 +137,7 @@ def test_signal_to_job_py_ends_every_process_it_started(
     workspace = str(tmp_path)
     job = subprocess.Popen(
         job_command("--num_rounds", str(ROUNDS), "--data_root", small_root, "--workspace", workspace,
-                    "--master_port", "7830"),
+                    "--master_port", str(free_ports(3))),
         cwd=ROOT, env=venv_env(DDP_EXAMPLE_FAULT=fault), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -188,13 +189,14 @@ def safe_open_files(process: psutil.Process) -> list:
         return []
 
 
-MIN_CLIENTS_RUN = ["--n_clients", "3", "--nproc_per_node", "1", "--min_clients", "2", "--master_port", "7830"]
+MIN_CLIENTS_RUN = ["--n_clients", "3", "--nproc_per_node", "1", "--min_clients", "2"]
 
 
 def run_min_clients_job(data_root: str, workspace: str, rounds: int, fault: str) -> subprocess.CompletedProcess:
     """3 sites x 1 rank, --min_clients 2, with DDP_EXAMPLE_FAULT=fault."""
     return run_job(
-        "--num_rounds", str(rounds), *MIN_CLIENTS_RUN, "--data_root", data_root, "--workspace", workspace,
+        "--num_rounds", str(rounds), *MIN_CLIENTS_RUN, "--master_port", str(free_ports(3)), "--data_root", data_root,
+        "--workspace", workspace,
         timeout=300, DDP_EXAMPLE_FAULT=fault,
     )  # fmt: skip
 

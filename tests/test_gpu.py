@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from conftest import GPUS, assert_clean, assert_learns, processes_of, round_metrics, run_job
+from conftest import GPUS, assert_clean, assert_learns, free_ports, processes_of, round_metrics, run_job
 from job import JOB_NAME
 from local_run.results import log_times
 
@@ -21,8 +21,8 @@ def test_every_site_trains_on_its_own_gpus_with_nccl(synthetic_root, tmp_path):
     # As a user runs it: job.py picks the ranks and deals the GPUs; on one GPU, both sites share it.
     workspace = str(tmp_path)
     result = run_job(
-        "--num_rounds", "3", "--data_root", synthetic_root, "--workspace", workspace, "--master_port", "7850",
-        gpus=True,
+        "--num_rounds", "3", "--data_root", synthetic_root, "--workspace", workspace,
+        "--master_port", str(free_ports(2)), gpus=True,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     ranks = 1 if GPUS < 4 else 2
@@ -50,7 +50,7 @@ def test_a_stuck_nccl_rank_ends_its_site_within_the_stall_timeout(synthetic_root
     workspace = str(tmp_path)
     result = run_job(
         "--num_rounds", "2", "--nproc_per_node", "2", "--stall_timeout", "10", "--data_root", synthetic_root,
-        "--workspace", workspace, "--master_port", "7850", timeout=300, gpus=True,
+        "--workspace", workspace, "--master_port", str(free_ports(2)), timeout=300, gpus=True,
         DDP_EXAMPLE_FAULT="site-2:1:1:stop",
     )  # fmt: skip
     ended = time.time()

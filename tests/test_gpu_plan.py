@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from conftest import assert_learns, round_metrics, run_job, site_weight
+from conftest import assert_learns, free_ports, round_metrics, run_job, site_weight
 from data import load_cifar10, partition_indices
 from job import JOB_NAME
 from local_run.gpu_plan import default_ranks, gpu_blocks, plan_lines
@@ -71,7 +71,7 @@ def test_sites_of_different_sizes_get_blocks_of_their_own_sizes():
 def test_each_rank_sees_its_own_sites_gpus(small_root, tmp_path):
     workspace = str(tmp_path)
     result = run_job(
-        "--num_rounds", "1", "--data_root", small_root, "--workspace", workspace, "--master_port", "7890",
+        "--num_rounds", "1", "--data_root", small_root, "--workspace", workspace, "--master_port", str(free_ports(2)),
         CUDA_VISIBLE_DEVICES="0,1,2,3",
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -88,7 +88,7 @@ def test_sites_of_different_sizes_train_together(synthetic_root, tmp_path):
     workspace = str(tmp_path)
     result = run_job(
         "--num_rounds", "3", "--nproc_per_node", "2,1", "--alpha", "1.0", "--data_root", synthetic_root,
-        "--workspace", workspace, "--master_port", "7890",
+        "--workspace", workspace, "--master_port", str(free_ports(2)),
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "site-1: 2 rank(s) on the CPU (gloo)" in result.stdout and "site-2: 1 rank(s) on the CPU" in result.stdout

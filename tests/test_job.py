@@ -17,12 +17,14 @@ import pytest
 import torch
 
 from conftest import (
+    ISOLATED,
     ROOT,
     UNSHARE,
     WritesMarker,
     accuracy_as_the_sites_measure,
     assert_clean,
     assert_learns,
+    free_ports,
     jobs_at_once,
     processes_of,
     round_metrics,
@@ -182,7 +184,7 @@ def three_sites_run(synthetic_root, tmp_path_factory):
     workspace = str(tmp_path_factory.mktemp("three_sites"))
     result = run_job(
         "--num_rounds", "2", "--n_clients", "3", "--nproc_per_node", "1", "--use_tracking", "--cross_site_eval",
-        "--data_root", synthetic_root, "--workspace", workspace, "--master_port", "7820",
+        "--data_root", synthetic_root, "--workspace", workspace, "--master_port", str(free_ports(2)),
     )  # fmt: skip
     return result, workspace
 
@@ -332,7 +334,7 @@ def test_corrupt_batch_stops_the_job_naming_the_file(synthetic_root, tmp_path):
     path.write_bytes(path.read_bytes()[:1000])
     started = time.monotonic()
     result = run_job(
-        "--data_root", str(root), "--workspace", str(tmp_path / "ws"), "--master_port", "7840", timeout=300
+        "--data_root", str(root), "--workspace", str(tmp_path / "ws"), "--master_port", str(free_ports(2)), timeout=300
     )
     assert result.returncode == 1
     assert time.monotonic() - started < 120
@@ -380,7 +382,7 @@ def test_a_crashed_run_resumes_from_its_kept_global_model(synthetic_root, tmp_pa
     # 1 rank a site: what is resumed is the global model, whatever the ranks.
     crashed = run_job(
         "--num_rounds", "3", "--nproc_per_node", "1", "--data_root", synthetic_root, "--workspace",
-        str(tmp_path / "crashed"), "--master_port", "7860", DDP_EXAMPLE_FAULT="site-2:0:2:kill_torchrun",
+        str(tmp_path / "crashed"), "--master_port", str(free_ports(2)), DDP_EXAMPLE_FAULT="site-2:0:2:kill_torchrun",
     )  # fmt: skip
     assert crashed.returncode == 1, crashed.stderr[-3000:]
     saved = crashed.stderr.split("the global model after round 1 is kept: ")[1].split()[0]
@@ -389,7 +391,7 @@ def test_a_crashed_run_resumes_from_its_kept_global_model(synthetic_root, tmp_pa
     workspace = str(tmp_path / "resumed")
     resumed = run_job(
         "--num_rounds", "2", "--nproc_per_node", "1", "--initial_model", saved, "--data_root", synthetic_root,
-        "--workspace", workspace, "--master_port", "7860",
+        "--workspace", workspace, "--master_port", str(free_ports(2)),
     )  # fmt: skip
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     first = round_metrics(workspace)[0]
@@ -457,14 +459,15 @@ def is_loopback(address: str) -> bool:
 def test_a_local_run_listens_on_loopback_only_but_for_torchruns_store(small_root, tmp_path):
     """In a network namespace of its own where the hostname resolves to a non-loopback address, as on many hosts:
     gloo would listen there unless told to use loopback. torchrun's store listens on every interface: torch offers
-    no bind address for it (docs/security.md)."""
+    no bind address for it (docs/security.md). Where no namespace can be made, on this machine's network as it is."""
     hosts = tmp_path / "hosts"
     hosts.write_text(f"198.51.100.1 {socket.gethostname()}\n127.0.0.1 localhost\n")
     setup = f'ip link set lo up && ip addr add 198.51.100.1/32 dev lo && mount --bind {hosts} /etc/hosts && exec "$@"'
-    workspace = str(tmp_path / "ws")
+    workspace, port = str(tmp_path / "ws"), free_ports(2)
     job = subprocess.Popen(
-        [*UNSHARE, "--net", "--mount", "sh", "-c", setup, "sh", sys.executable, os.path.join(ROOT, "job.py"),
-         "--num_rounds", "2", "--data_root", small_root, "--workspace", workspace, "--master_port", "7875"],
+        [*([*UNSHARE, "--net", "--mount", "sh", "-c", setup, "sh"] if ISOLATED else []), sys.executable,
+         os.path.join(ROOT, "job.py"), "--num_rounds", "2", "--data_root", small_root, "--workspace", workspace,
+         "--master_port", str(port)],
         cwd=ROOT, env=venv_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -474,10 +477,10 @@ def test_a_local_run_listens_on_loopback_only_but_for_torchruns_store(small_root
     finally:
         job.kill()
     assert job.returncode == 0, stdout[-3000:] + stderr[-3000:]
-    assert any(port not in (7875, 7876) for _, port in listening)  # the ranks' and NVFlare's own were seen
-    assert {(address, port) for address, port in listening if not is_loopback(address)} == {
-        ("::", 7875),
-        ("::", 7876),
+    assert any(seen not in (port, port + 1) for _, seen in listening)  # the ranks' and NVFlare's own were seen
+    assert {(address, seen) for address, seen in listening if not is_loopback(address)} == {
+        ("::", port),
+        ("::", port + 1),
     }
 
 

@@ -7,6 +7,7 @@ the trainer NVFlare launches for it is node 0. The test starts node 1 itself, as
 NVFlare's own node script, rendered by its Slurm launcher's code from the job's metadata, with SLURM_NODEID=1.
 site-2 has no such environment: the same torchrun_node command runs it as one standalone node."""
 
+import functools
 import glob
 import json
 import os
@@ -32,6 +33,7 @@ from nvflare.utils.job_launcher_utils import get_job_launcher_spec
 from conftest import (
     ROOT,
     assert_learns,
+    free_ports,
     job_command,
     network_namespace,
     poc_system,
@@ -52,7 +54,18 @@ from test_transformer import (
     transformer_project,
 )
 
-NODE_GROUP = {"NVFL_NNODES": "2", "NVFL_MASTER_ADDR": "127.0.0.1", "NVFL_MASTER_PORT": "7870", "NVFL_RUN_ID": "1"}
+
+@functools.cache
+def node_group() -> dict[str, str]:
+    """What NVFlare's Slurm launcher gives each node of a 2-node site: the group, and its master's port (free)."""
+    return {
+        "NVFL_NNODES": "2",
+        "NVFL_MASTER_ADDR": "127.0.0.1",
+        "NVFL_MASTER_PORT": str(free_ports()),
+        "NVFL_RUN_ID": "1",
+    }
+
+
 # What every POC process gets: one CPU thread a rank (3 ranks share this machine's cores; torchrun sets this only
 # for 2+ ranks a node), and no /tmp/torchelastic_* folder from torchrun_node's torchrun.
 QUIET = {"OMP_NUM_THREADS": "1", "PET_LOG_DIR": "/dev/null"}
@@ -122,7 +135,7 @@ def test_with_slurm_flags_each_node_runs_gpus_per_node_ranks():
 @pytest.fixture(scope="module")
 def poc(tmp_path_factory):
     """A POC whose site-1 is node 0 of a 2-node group."""
-    env_of = {"server": QUIET, "site-1": {**QUIET, **NODE_GROUP, "NVFL_NODE_RANK": "0"}, "site-2": QUIET}
+    env_of = {"server": QUIET, "site-1": {**QUIET, **node_group(), "NVFL_NODE_RANK": "0"}, "site-2": QUIET}
     with poc_system(tmp_path_factory.mktemp("poc"), env_of) as system:
         yield system
 
@@ -182,7 +195,7 @@ def run_two_node_job(
         job_dir = wait_for_new_job(poc.project, "site-1", known, job, script)
         # What srun runs on every node of the allocation, with node 1's SLURM_NODEID and the group's variables.
         node_1 = subprocess.Popen(
-            [*poc.net, "bash", "-c", node_script(job_dir, "site-1")], env=venv_env(**QUIET, **NODE_GROUP,
+            [*poc.net, "bash", "-c", node_script(job_dir, "site-1")], env=venv_env(**QUIET, **node_group(),
             SLURM_NODEID="1", **node_1_env), stdout=node_log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         job.wait(timeout=600)
@@ -252,11 +265,12 @@ def test_nodes_that_loaded_different_data_end_the_site_at_once_naming_what_diffe
     batch = read_pickle(path)
     batch["labels"][0] = (batch["labels"][0] + 1) % 10
     write_pickle(path, batch)
+    port = free_ports()
     with network_namespace() as net:  # the two nodes' loopback, of their own
         nodes = []
         for node in (0, 1):
             command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
-                       "--nproc_per_node=1", "--master_addr=127.0.0.1", "--master_port=29400", "--log-dir=/dev/null",
+                       "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}", "--log-dir=/dev/null",
                        os.path.join(ROOT, "client.py"), "--data_root", [synthetic_root, str(other)][node],
                        "--site", "site-1", "--sites", "site-1,site-2"]  # fmt: skip
             nodes.append(subprocess.Popen([*net, *command], env=venv_env(), stdout=subprocess.PIPE,

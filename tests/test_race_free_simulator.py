@@ -10,7 +10,7 @@ import nvflare
 import pytest
 from nvflare.private.fed.app.simulator.simulator_runner import SimulatorClientRunner
 
-from conftest import ROOT, round_metrics, run_job
+from conftest import ROOT, free_ports, round_metrics, run_job
 from local_run import race_free_simulator
 
 FORCE_RACE = os.path.join(ROOT, "tests", "force_race")
@@ -80,8 +80,8 @@ def test_a_quiet_simulator_shows_its_warnings_and_errors_and_keeps_everything(qu
 def test_job_py_starts_every_site_when_the_race_is_forced(synthetic_root, tmp_path):
     workspace = str(tmp_path)
     result = run_job(
-        "--num_rounds", "1", "--data_root", synthetic_root, "--workspace", workspace, "--master_port", "7880",
-        timeout=300, PYTHONPATH=FORCE_RACE,
+        "--num_rounds", "1", "--data_root", synthetic_root, "--workspace", workspace,
+        "--master_port", str(free_ports(2)), timeout=300, PYTHONPATH=FORCE_RACE,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert [sorted(s["name"] for s in r["sites"]) for r in round_metrics(workspace)] == [["site-1", "site-2"]]
