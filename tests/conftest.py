@@ -30,9 +30,12 @@ def pytest_configure(config):
 
 def pytest_report_header(config):
     if not ISOLATED:
+        why = (
+            "DDP_EXAMPLE_SHARED_NETWORK is set" if os.environ.get("DDP_EXAMPLE_SHARED_NETWORK") else "not allowed here"
+        )
         return (
-            f"network: `{' '.join(UNSHARE)} --net` is not allowed here, so the real runs share this machine's "
-            "network, each on free ports of its own"
+            f"network: no namespaces (`{' '.join(UNSHARE)} --net`: {why}); the real runs share this machine's "
+            "network, each on free ports"
         )
     return None
 
