@@ -31,7 +31,12 @@ weights onto rank 0's CPU with `get_model_state_dict(..., full_state_dict=True, 
 which is why every rank calls `send`. FSDP2 leaves the root's own parameters (a transformer's embeddings, final norm
 and head) gathered after a forward pass that no backward pass follows; the bridge puts them back into their shards
 before each load and gather, and after such a forward pass, so that an evaluation never breaks the next load and an
-optimizer built after it holds the shards."""
+optimizer built after it holds the shards.
+
+A site may send part of its state dict (what it trains: the server merges it into the global model), and the server
+may leave out of a task what the site already has, unchanged (server_fedavg.SendOnce, which names it in the task's
+meta as KEPT): the bridge loads what came, keeps the rest of the model as it is, and stops with one line if the two
+do not make up the model."""
 
 import os
 import sys
@@ -77,8 +82,9 @@ class Task:
     def send(self, params: dict | None = None, metrics: dict | None = None, weight: float | None = None) -> None:
         """Answer the task; on ranks other than 0 this only marks it answered.
 
-        params: a state dict (moved to the CPU before sending); metrics: numbers by name; weight: how much FedAvg
-        counts this site's update against the others' (for example the samples it trained; NVFlare's
+        params: a state dict, or the part of it that the site trains (moved to the CPU before sending; every site
+        sends the same part, and the server keeps the rest of the global model); metrics: numbers by name; weight:
+        how much FedAvg counts this site's update against the others' (for example the samples it trained; NVFlare's
         NUM_STEPS_CURRENT_ROUND). For a model sharded with fully_shard, `params` is its state_dict() (or part of
         it): every rank takes part in gathering the full weights, which only rank 0 holds, on the CPU, and sends."""
         if self.answered:
