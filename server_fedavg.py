@@ -252,9 +252,10 @@ class SendOnce(Filter):
       that sends only what it trains) is completed at another site with that site's own copies of them. What a
       site sent back from training (ForgetTrained, on the results) is sent again in any case: its copy has changed.
 
-    A tensor's values are known by a digest, taken once per tensor object and kept with a weak reference to it, so
-    the filter holds no tensor: the global model's untouched tensors stay the same objects from round to round, and
-    only what changed is read."""
+    A tensor's values are known by a digest (a hash of its bytes), taken once per tensor object and kept with a weak
+    reference to it, so the filter holds no tensor: the sites of one task share its digests. NVFlare 2.9 deep-copies
+    each broadcast task's data, so every round's tensors are new objects and the whole model is hashed once a round
+    (about 1 s for 768 MiB on the 2-core test machine)."""
 
     def __init__(self):
         super().__init__()
