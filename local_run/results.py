@@ -229,19 +229,31 @@ def oom_kills() -> int | None:
     return int(counts["oom_kill"]) if "oom_kill" in counts else None
 
 
-OOM_KILLS_AT_START = oom_kills()  # as the run begins: job.py imports this module when it starts a local run
-
-
-def killed_for_memory(pid: int) -> bool | None:
-    """Whether the kernel's log (dmesg) says its OOM killer ended process `pid`; None where it can't be read."""
+def kernel_log() -> str | None:
+    """The kernel's log (dmesg), or None where this user may not read it."""
     try:
         log = subprocess.run(["dmesg"], capture_output=True, text=True, errors="replace", timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    if log.returncode != 0:
+    return log.stdout if log.returncode == 0 else None
+
+
+# As the run begins (job.py imports this module when it starts a local run): the kernel's count of OOM kills, and
+# the last line of its log, after which a kill belongs to this run (the log keeps kills from before, and PIDs recur).
+OOM_KILLS_AT_START = oom_kills()
+KERNEL_LOG_AT_START = ((kernel_log() or "").rstrip("\n").rpartition("\n")[2]) or None
+
+
+def killed_for_memory(pid: int) -> bool | None:
+    """Whether the kernel's log (dmesg) says its OOM killer ended process `pid` during the run; None where it can't
+    be read."""
+    log = kernel_log()
+    if log is None:
         return None
+    if KERNEL_LOG_AT_START and KERNEL_LOG_AT_START in log:  # else the line left the kernel's ring: all of it is new
+        log = log.rpartition(KERNEL_LOG_AT_START)[2]
     # "Out of memory: Killed process PID (python3) ..." or "Memory cgroup out of memory: Killed process PID ..."
-    return re.search(rf"Killed process {pid} \(", log.stdout) is not None
+    return re.search(rf"Killed process {pid} \(", log) is not None
 
 
 def failure_phase(logs_root: str | None, sites: list[str], complete_rounds: int, num_rounds: int) -> str:

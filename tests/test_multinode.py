@@ -144,11 +144,12 @@ def wait_for_new_job(
     project: str, site: str, known: set[str], job: subprocess.Popen, script: str, timeout: float = 180
 ) -> str:
     """The folder of the job that NVFlare deploys to `site` of a POC's `project` next (one not in `known`), once its
-    app's `script` is there."""
+    app's `script` and its whole meta.json are there (NVFlare unzips the app, then writes the metadata)."""
     deadline = time.monotonic() + timeout
     while True:
         scripts = glob.glob(os.path.join(project, site, "*", f"app_{site}", "custom", script))
-        new = [str(Path(script).parents[2]) for script in scripts if str(Path(script).parents[2]) not in known]
+        jobs = {str(Path(script).parents[2]) for script in scripts}
+        new = [job for job in jobs if job not in known and job_meta(job) is not None]
         if new:
             return new[0]
         assert job.poll() is None, f"job.py ended before the job reached {site}"
@@ -156,13 +157,21 @@ def wait_for_new_job(
         time.sleep(0.5)
 
 
+def job_meta(job_dir: str) -> dict | None:
+    """A deployed job's metadata, or None while NVFlare has not written all of it."""
+    try:
+        with open(os.path.join(job_dir, "meta.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
 def node_script(job_dir: str, site: str) -> str:
     """NVFlare's own script for the nodes of a site's node group, rendered by its Slurm launcher's code (NVFlare
     2.9's private functions: recheck on an upgrade) from the job's metadata as the site received it. On a node
     other than 0 it drops the site's credentials, sets the Cell Client API bootstrap, changes to the job's app
     folder and runs the additional_node_command. Only sbatch and srun are left out."""
-    with open(os.path.join(job_dir, "meta.json")) as f:
-        meta = json.load(f)
+    meta = job_meta(job_dir)
     spec = get_job_launcher_spec(meta, site, "slurm")
     resources = _resolve_resources(meta, site, "none", 600.0, spec=spec)  # the launcher's checks of the block
     workspace, job_id = Workspace(os.path.dirname(job_dir), site_name=site), os.path.basename(job_dir)

@@ -31,6 +31,26 @@ def test_a_killed_rank_is_named_with_its_signal(tmp_path, suffix, kernel_log, mo
     assert diagnose(logs, "site-2") == "site-2 rank 1 failed (exit code -9 (SIGKILL))"
 
 
+KILL = "[ {t}] Memory cgroup out of memory: Killed process 7626 (python) total-vm:119964kB\n"
+MARK = "[ 20.000002] the kernel log's last line as the run began"
+
+
+@pytest.mark.parametrize(
+    "kernel_says, out_of_memory",
+    [
+        (KILL.format(t="10.000001") + MARK + "\n", False),  # an earlier process with the PID the rank got later
+        (KILL.format(t="10.000001") + MARK + "\n" + KILL.format(t="30.000003"), True),
+        (KILL.format(t="30.000003"), True),  # the run's first line has left the kernel's ring: all of it is new
+    ],
+)
+def test_only_an_oom_kill_during_the_run_counts(tmp_path, monkeypatch, kernel_says, out_of_memory):
+    monkeypatch.setattr(results, "KERNEL_LOG_AT_START", MARK)
+    monkeypatch.setattr(results, "kernel_log", lambda: kernel_says)
+    said = diagnose(write_log(tmp_path, "site-2", ROOT_CAUSE.format(suffix="")), "site-2")
+    assert said.startswith("site-2 rank 1 failed (exit code -9 (SIGKILL))")
+    assert ("memory ran out" in said) == out_of_memory
+
+
 def test_the_failed_ranks_own_error_line_is_preferred(tmp_path):
     text = "x - INFO - site-2 rank 1: ERROR: RuntimeError: boom\n" + ROOT_CAUSE.format(suffix="")
     assert diagnose(write_log(tmp_path, "site-2", text), "site-2") == "site-2 rank 1: ERROR: RuntimeError: boom"
@@ -150,6 +170,9 @@ def test_a_rank_the_kernels_oom_killer_ended_is_said_to_have_run_out_of_memory(t
         "site-2 rank 1 failed (exit code -9 (SIGKILL)): memory ran out, and the kernel's OOM killer ended it "
         "(docs/performance.md, Large models)"
     )
+    # A later run whose rank gets the same PID (they recur: a long CI run wraps pid_max) was not killed for memory.
+    monkeypatch.setattr(results, "KERNEL_LOG_AT_START", results.kernel_log().rstrip("\n").rpartition("\n")[2])
+    assert diagnose(logs, "site-2") == "site-2 rank 1 failed (exit code -9 (SIGKILL))"
     monkeypatch.setattr(results, "killed_for_memory", lambda pid: None)  # the kernel's log, as a normal user sees it
     assert diagnose(logs, "site-2").startswith(
         "site-2 rank 1 failed (exit code -9 (SIGKILL)): memory likely ran out: the kernel's OOM killer ended "
