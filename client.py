@@ -14,7 +14,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from nvflare.client.tracking import SummaryWriter
-from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import flare_ddp
@@ -166,6 +165,8 @@ def run_site(args, device: torch.device) -> None:
 def sharded(model: torch.nn.Module) -> torch.nn.Module:
     """FSDP2: each layer that has weights, then the root, sharded in place over the site's ranks. Returns `model`,
     which is now what trains and what flare_ddp loads into and sends from."""
+    from torch.distributed.fsdp import fully_shard  # here, not at the top: a DDP site's ranks start faster without it
+
     for layer in model.children():
         if any(True for _ in layer.parameters()):
             fully_shard(layer)

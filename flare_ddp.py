@@ -47,8 +47,6 @@ import nvflare.client as flare
 import torch
 import torch.distributed as dist
 from nvflare.apis.fl_constant import FLMetaKey
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
-from torch.distributed.fsdp import FSDPModule
 
 # The kinds of task NVFlare's PyTorch recipes send a trainer.
 TRAIN = "train"  # FedAvg's round: train from the global weights, send the new weights
@@ -91,6 +89,8 @@ class Task:
             raise RuntimeError(f"the {self.kind} task of round {self.round} was answered already")
         self.answered = True
         if params is not None and _reshard(self.model):
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
             full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
             params = {name: full[name] for name in params} if dist.get_rank() == 0 else None
         if dist.get_rank() != 0:
@@ -173,6 +173,8 @@ def _load(model: torch.nn.Module, weights: dict | None, kept: list[str] | None) 
         kept = [*(kept or []), *(alias for alias, name in ties.items() if name in (kept or []))]
         _check_complete(model, weights, kept)
     if _reshard(model):  # sharded: each rank takes its shard of rank 0's
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
         set_model_state_dict(model, weights if dist.get_rank() == 0 else {}, options=options)
         return
@@ -244,7 +246,10 @@ def _reshard(model: torch.nn.Module) -> bool:
     FSDP2 leaves the root's own parameters (embeddings, final norm, head in a transformer) gathered after a forward
     with no backward after it, such as an evaluation: they are then plain tensors in place of the shards, which
     torch's state-dict calls refuse, and which an optimizer built then would hold and never step."""
-    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    # torch.distributed.fsdp is loaded where a model was sharded, and only there: imported for all, with its
+    # DTensor and state-dict code, it would cost every rank of a DDP site more than a second at start-up.
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    units = [m for m in model.modules() if fsdp and isinstance(m, fsdp.FSDPModule)]
     for unit in units:
         unit.reshard()
     return bool(units)
