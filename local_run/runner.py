@@ -140,6 +140,9 @@ def signal_name(signum: int | None) -> str | None:
     return signal.Signals(signum).name if signum else None
 
 
+POC_LOGIN_TIMEOUT = 60  # seconds that --env poc waits for its POC's server to let it log in
+
+
 def run_on_system(recipe, args: argparse.Namespace, sites: list[str]) -> int:
     """Submit to a POC that this run starts, or to the running system behind --startup_kit."""
     if args.env == "poc":
@@ -153,7 +156,9 @@ def run_on_system(recipe, args: argparse.Namespace, sites: list[str]) -> int:
             )
             return 2
         with tempfile.TemporaryDirectory() as folder:  # NVFlare copies the project file into the POC
-            env = PocEnv(project_conf_path=poc_project(sites, folder))
+            # NVFlare's PocEnv gives its fresh server 3 s and then 10 s to answer the login: on a busy machine
+            # (2 cores, a test suite beside it) the server was seen to take longer, and the job never ran.
+            env = PocEnv(project_conf_path=poc_project(sites, folder), extra={"login_timeout": POC_LOGIN_TIMEOUT})
             return run_on(env, recipe, args, sites)
     return run_on(ProdEnv(startup_kit_location=args.startup_kit), recipe, args, sites)
 

@@ -24,6 +24,8 @@ def test_quick_bench_prints_every_item(small_root):
             "--quick",
             "--items",
             "123456",
+            "--baseline",  # item 4 against the defaults quantized: the original settings' batch of 8 costs minutes
+            "blockwise8",
             "--n_clients",
             "1",
             "--data_root",
@@ -42,7 +44,7 @@ def test_quick_bench_prints_every_item(small_root):
     assert re.search(r"^2 DDP: .* \(gloo\) .* [\d.]+x the time$", out, re.M)
     assert re.search(r"^3 FL overhead per round .* [\d.]+ s +of [\d.]+ s$", out, re.M)
     assert re.search(r"^  slowest site's train\+eval: round 0 vs a later round +[\d.]+ s +vs [\d.]+ s$", out, re.M)
-    assert re.search(r"^4 original settings vs defaults, 1 seed\(s\), 1 site\(s\), IID, 3 rounds$", out, re.M)
+    assert re.search(r"^4 blockwise8 settings vs defaults, 1 seed\(s\), 1 site\(s\), IID, 3 rounds$", out, re.M)
     mean_range = r"0\.\d{3} \[0\.\d{3}-0\.\d{3}\]"
     assert re.search(rf"^  final model accuracy: mean \[min-max\] +{mean_range} +{mean_range}$", out, re.M)
     assert re.search(r"^  worst dip below the best so far, after round 2 +0\.\d{3} +0\.\d{3}$", out, re.M)

@@ -26,6 +26,7 @@ from conftest import (
 )
 from job import JOB_NAME, load_global_model
 from local_run.results import log_times
+from model import Net
 
 pytestmark = pytest.mark.e2e  # real runs of job.py or nvflare: the full tier only
 
@@ -241,6 +242,10 @@ def test_exported_job_completes_on_poc_through_the_cli(poc, small_root, tmp_path
         with open(os.path.join(poc.project, site, job_id, "log.txt")) as f:
             log = f.read()
         assert re.search(r"Quantize - INFO .* tensors quantized to blockwise8: [\d,]+ -> ", log)  # its results
+        held = re.search(rf"{site}: FSDP2 shards the model: rank 0 holds (\d+) of its (\d+) parameters", log)
+        total = sum(t.numel() for t in Net().parameters())
+        assert held and int(held[2]) == total
+        assert total / 2 <= int(held[1]) <= total / 2 + 100  # each layer's weights split over 2 ranks (rounded up)
 
 
 @pytest.mark.xdist_group("poc")

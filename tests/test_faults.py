@@ -60,8 +60,13 @@ def assert_kept(stderr: str, workspace: str, kept_round: int | None) -> None:
         load_global_model(model_path(workspace))
 
 
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("phase", PHASES)
+@pytest.mark.parametrize(
+    # A rank killed (as by the OOM killer) or a site's torchrun killed, in each phase; a raise in a round only: it
+    # takes client.py's own handler in every phase, and a trainer of your own that raises in each phase is
+    # test_your_own_trainer.py's.
+    "phase, kind",
+    [*((phase, kind) for kind in ("kill", "kill_torchrun") for phase in PHASES), ("1", "raise")],
+)
 def test_fault_ends_the_job_naming_site_rank_and_phase(phase, kind, small_root, tmp_path):
     site = "site-1" if kind == "raise" else "site-2"
     rank, cause = KINDS[kind]

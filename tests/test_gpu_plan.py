@@ -118,11 +118,12 @@ def test_a_rank_count_for_each_site_or_for_all(given, capsys):
 
 @pytest.mark.e2e
 def test_a_sites_rank_count_changes_its_speed_not_its_model(small_root, tmp_path):
-    """The same seed on 1, 2 and 3 ranks of one site: the same batches, split over the ranks, give the same global
-    model. The default site batch, 64, does not divide by 3. At lr 0.01: at the default 0.1, training amplifies the
-    float rounding in which the ranks' sums differ (0.02 seen on one CPU, under 1e-3 on another)."""
+    """The same seed on 1 and 3 ranks of one site: the same batches, split over the ranks, give the same global
+    model. The default site batch, 64, does not divide by 3 (2 ranks, the default, are in every other run). At lr
+    0.01: at the default 0.1, training amplifies the float rounding in which the ranks' sums differ (0.02 seen on one
+    CPU, under 1e-3 on another)."""
     models, accuracies, losses = {}, {}, {}
-    for ranks in (1, 2, 3):
+    for ranks in (1, 3):
         workspace = str(tmp_path / str(ranks))
         result = run_job(
             "--num_rounds", "2", "--n_clients", "1", "--nproc_per_node", str(ranks), "--lr", "0.01", "--data_root",
@@ -134,11 +135,10 @@ def test_a_sites_rank_count_changes_its_speed_not_its_model(small_root, tmp_path
         accuracies[ranks] = [metric(r["aggregated_metrics"], "accuracy") for r in round_metrics(workspace)]
         losses[ranks] = [metric(r["aggregated_metrics"], "train_loss") for r in round_metrics(workspace)]
         accuracies[ranks].append(read_final_scores(os.path.dirname(os.path.dirname(app)))["site-1"])
-    for ranks in (2, 3):
-        # Float sums in another order (gloo's all-reduce over more ranks) are all that differs.
-        diff = max((models[ranks][k] - models[1][k]).abs().max().item() for k in models[1])
-        assert diff < 1e-4, (ranks, diff)
-        assert all(abs(a - b) <= 0.005 for a, b in zip(accuracies[ranks], accuracies[1])), accuracies
+    # Float sums in another order (gloo's all-reduce over more ranks) are all that differs.
+    diff = max((models[3][k] - models[1][k]).abs().max().item() for k in models[1])
+    assert diff < 1e-4, diff
+    assert all(abs(a - b) <= 0.005 for a, b in zip(accuracies[3], accuracies[1])), accuracies
     # It trained: the same model, not the same failure (say, the initial weights sent back unchanged).
     initial = Net(seed=0).state_dict()
     assert max((models[1][k].double() - initial[k].double()).abs().max().item() for k in initial) > 1e-2

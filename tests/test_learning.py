@@ -17,7 +17,7 @@ pytestmark = pytest.mark.e2e  # real runs of job.py or nvflare: the full tier on
     "seed, sites",
     [
         # 1 rank a site: a site's ranks change its speed, not its model (test_gpu_plan.py), and so does FSDP, which
-        # reaches DDP's global model (test_fsdp.py, test_transformer.py).
+        # reaches DDP's global model (test_transformer.py).
         (0, ["--nproc_per_node", "1"]),
         (1, ["--nproc_per_node", "1"]),
         (2, ["--nproc_per_node", "1"]),
