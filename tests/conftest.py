@@ -209,10 +209,14 @@ def poc_system(folder, env_of: dict[str, dict] | None = None):
         assert prepared.returncode == 0, prepared.stderr
         try:
             for name in ("server", "site-1", "site-2"):
+                # --no-wait: on a busy machine, the CLI's own wait for the site to register was seen to hang in
+                # its admin session past 120 s. The server's log says when both sites have registered.
                 started = poc.nvflare(
-                    "poc", "start", "-p", name, cwd=folder, timeout=120, **(env_of or {}).get(name, {})
+                    "poc", "start", "-p", name, "--no-wait", cwd=folder, timeout=120, **(env_of or {}).get(name, {})
                 )
                 assert started.returncode == 0, started.stdout + started.stderr
+            server_log = os.path.join(poc.project, "server", "log.txt")
+            wait_for_log_lines(server_log, "Client: New client site-", 2, timeout=120)
             deadline = time.monotonic() + 120
             while poc.nvflare("job", "list", "--startup-kit", poc.kit, timeout=60).returncode != 0:
                 assert time.monotonic() < deadline, "the POC server did not come up within 120 s"
