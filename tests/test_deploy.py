@@ -238,12 +238,12 @@ def test_exported_job_completes_on_poc_through_the_cli(poc, small_root, tmp_path
     downloaded = poc.nvflare("job", "download", job_id, "-o", str(tmp_path / "result"), "--startup-kit", poc.kit)
     assert downloaded.returncode == 0, downloaded.stdout + downloaded.stderr
     assert_finished(str(tmp_path / "result" / job_id / "workspace"), rounds=ROUNDS)
+    total = sum(t.numel() for t in Net().parameters())
     for site in ("site-1", "site-2"):  # where docs/deploy.md says the site logs are
         with open(os.path.join(poc.project, site, job_id, "log.txt")) as f:
             log = f.read()
         assert re.search(r"Quantize - INFO .* tensors quantized to blockwise8: [\d,]+ -> ", log)  # its results
         held = re.search(rf"{site}: FSDP2 shards the model: rank 0 holds (\d+) of its (\d+) parameters", log)
-        total = sum(t.numel() for t in Net().parameters())
         assert held and int(held[2]) == total
         assert total / 2 <= int(held[1]) <= total / 2 + 100  # each layer's weights split over 2 ranks (rounded up)
 

@@ -30,14 +30,14 @@ def run(mode: str) -> None:
     sent_weights = [TinyLM(seed=1).state_dict(), TinyLM(seed=2).state_dict()]
     expected = [{k: v.clone() for k, v in w.items()} for w in sent_weights]  # loading may replace the dict's values
     del sent_weights[1]["head.weight"]  # as the server sends a tied pair: once (server_fedavg.SendOnce)
-    BLOCK = "blocks.1."  # what the last TRAIN task brings and what its result holds: what the site trains
-    block = {k: v for k, v in TinyLM(seed=3).state_dict().items() if k.startswith(BLOCK)}
+    trained_prefix = "blocks.1."  # what the last TRAIN task brings and what its result holds: what the site trains
+    block = {k: v for k, v in TinyLM(seed=3).state_dict().items() if k.startswith(trained_prefix)}
     expected_block = {k: v.clone() for k, v in block.items()}
     script = [
         ([1, 1, 2, 1], (sent_weights[0], None)),
         ([2, 0, 0, 1], (sent_weights[1], None)),
         ([3, 0, 0, 0], None),
-        ([1, 2, 2, 1], (block, [k for k in expected[0] if not k.startswith(BLOCK)])),
+        ([1, 2, 2, 1], (block, [k for k in expected[0] if not k.startswith(trained_prefix)])),
         ([0] * 4, None),
     ]
     received = []
@@ -116,7 +116,7 @@ def run(mode: str) -> None:
         evaluate()  # the local model scored before it is sent
         before_send[task.round] = full_state()
         if task.round == 2:  # only what it trains
-            task.send(params={k: v for k, v in model.state_dict().items() if k.startswith(BLOCK)}, weight=3)
+            task.send(params={k: v for k, v in model.state_dict().items() if k.startswith(trained_prefix)}, weight=3)
         else:
             task.send(params=model.state_dict(), weight=3)
 
