@@ -35,7 +35,8 @@ import torchvision.transforms as T
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROJECT = os.path.dirname(HERE)
-sys.path.insert(0, PROJECT)  # the example's own modules, one folder up
+# the example's own modules, one folder up, and model_size.py beside this file (also when imported as benchmarks.bench)
+sys.path[:0] = [PROJECT, HERE]
 
 import model_size
 

@@ -41,9 +41,10 @@ def pytest_report_header(config):
 
 
 def pytest_collection_modifyitems(items):
-    """The real runs first, the quick tests last: the workers that pytest-xdist feeds in this order end together,
-    the quick tests filling the gaps."""
-    items.sort(key=lambda item: item.get_closest_marker("e2e") is None)
+    """The real runs first, and of those first the groups that one worker runs whole (a POC or a run that several
+    tests read); the quick tests last: the workers that pytest-xdist feeds in this order end together, the quick
+    tests filling the gaps, and no long group starts near the end."""
+    items.sort(key=lambda item: [item.get_closest_marker(name) is None for name in ("e2e", "xdist_group")])
 
 
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0

@@ -12,9 +12,11 @@ import torch
 from conftest import OWN_NETWORK, ROOT, venv_env
 
 
-@pytest.mark.e2e  # it runs job.py 4 times, of 1 site on the small set: the least that shows each item runs
-def test_quick_bench_prints_every_item(small_root):
-    # Item 7 (models of real size) is test_model_size.py's: its own short run.
+@pytest.mark.e2e  # it runs job.py twice, of 1 site on the small set: the least that shows items 1-4 run
+def test_quick_bench_prints_items_1_to_4(small_root):
+    # Items 5 and 6 are a job run each with one flag changed (--exchange_format numpy, --master_port), and those
+    # settings run in other tests' jobs (test_learning.py, test_faults.py); item 7 (models of real size) is
+    # test_model_size.py's own short run.
     bench = os.path.join(ROOT, "benchmarks", "bench.py")
     result = subprocess.run(
         [
@@ -23,7 +25,7 @@ def test_quick_bench_prints_every_item(small_root):
             bench,
             "--quick",
             "--items",
-            "123456",
+            "1234",
             "--baseline",  # item 4 against the defaults quantized: the original settings' batch of 8 costs minutes
             "blockwise8",
             "--n_clients",
@@ -50,13 +52,6 @@ def test_quick_bench_prints_every_item(small_root):
     assert re.search(r"^  worst dip below the best so far, after round 2 +0\.\d{3} +0\.\d{3}$", out, re.M)
     assert re.search(r"^  runs whose train loss went back near chance +\d of 1 +\d of 1$", out, re.M)
     assert re.search(r"^  job wall time \(s\): .* [\d.]+x the time$", out, re.M)
-    assert re.search(
-        r"^5 exchange: round wall time \(s\), NumPy vs PyTorch tensors, 1 jobs each +[\d.]+ s +[\d.]+ s "
-        r"+[\d.]+x the time$",
-        out,
-        re.M,
-    )
-    assert re.search(r"^6 start-up: .* 1 jobs each +[\d.]+ s +[\d.]+ s +[\d.]+x the time$", out, re.M)
 
 
 def test_fast_path_gives_the_original_paths_images_and_labels(synthetic_root):

@@ -72,8 +72,8 @@ def poc_workspace(tmp_path) -> str:
 
 def test_env_poc_runs_the_job_on_its_own_poc_and_removes_it(small_root, tmp_path):
     result = run_job(
-        "--env", "poc", "--num_rounds", "2", "--data_root", small_root, "--workspace", str(tmp_path / "ws"),
-        timeout=600, **own_poc(tmp_path),
+        "--env", "poc", "--nproc_per_node", "1", "--num_rounds", "2", "--data_root", small_root, "--workspace",
+        str(tmp_path / "ws"), timeout=600, **own_poc(tmp_path),
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "ended with status FINISHED:COMPLETED" in result.stdout

@@ -41,6 +41,9 @@ PHASES = {  # PHASE: (how the summary names it, the round whose global model is 
     "1": (f"in round 1 of {ROUNDS}", 0),
     "eval": ("in the final evaluation", ROUNDS - 1),
 }
+# site-2, whose rank 1 most tests make fail, has the 2 ranks that needs; site-1, which the job must stop as well, has 1
+# (a rank less to start).
+FAULTY_SITE_2 = ["--nproc_per_node", "1,2"]
 KINDS = {  # KIND: (the rank it hits, the cause the summary gives for SITE)
     "kill": (1, "{site} rank 1 failed (exit code -9 (SIGKILL))"),
     "raise": (0, "{site} rank 0: ERROR: RuntimeError: injected fault"),
@@ -73,7 +76,7 @@ def test_fault_ends_the_job_naming_site_rank_and_phase(phase, kind, small_root, 
     said, kept_round = PHASES[phase]
     workspace = str(tmp_path)
     result = run_job(
-        "--num_rounds", str(ROUNDS), "--data_root", small_root, "--workspace", workspace,
+        "--num_rounds", str(ROUNDS), *FAULTY_SITE_2, "--data_root", small_root, "--workspace", workspace,
         "--master_port", str(free_ports(3)), timeout=300, DDP_EXAMPLE_FAULT=f"{site}:{rank}:{phase}:{kind}",
     )  # fmt: skip
     ended = time.time()
@@ -93,7 +96,7 @@ def test_fsdp_rank_killed_in_a_round_in_the_gather_or_in_the_evaluation_ends_the
     # while rank 0 runs the sharded model's forward, which gathers each layer from every rank.
     workspace = str(tmp_path)
     result = run_job(
-        "--fsdp", "--num_rounds", str(ROUNDS), "--data_root", small_root, "--workspace", workspace,
+        "--fsdp", "--num_rounds", str(ROUNDS), *FAULTY_SITE_2, "--data_root", small_root, "--workspace", workspace,
         "--master_port", str(free_ports(3)), timeout=300, DDP_EXAMPLE_FAULT=f"site-2:1:{phase}:kill",
     )  # fmt: skip
     ended = time.time()
@@ -110,7 +113,7 @@ def test_fsdp_rank_killed_in_a_round_in_the_gather_or_in_the_evaluation_ends_the
 def test_stuck_rank_ends_its_site_after_the_stall_timeout(small_root, tmp_path):
     workspace = str(tmp_path)
     result = run_job(
-        "--num_rounds", str(ROUNDS), "--stall_timeout", "10", "--data_root", small_root,
+        "--num_rounds", str(ROUNDS), *FAULTY_SITE_2, "--stall_timeout", "10", "--data_root", small_root,
         "--workspace", workspace, "--master_port", str(free_ports(3)), timeout=300, DDP_EXAMPLE_FAULT="site-2:1:1:stop",
     )  # fmt: skip
     ended = time.time()
@@ -141,8 +144,8 @@ def test_signal_to_job_py_ends_every_process_it_started(
 ):
     workspace = str(tmp_path)
     job = subprocess.Popen(
-        job_command("--num_rounds", str(ROUNDS), "--data_root", small_root, "--workspace", workspace,
-                    "--master_port", str(free_ports(3))),
+        job_command("--num_rounds", str(ROUNDS), "--nproc_per_node", "2,1", "--data_root", small_root,
+                    "--workspace", workspace, "--master_port", str(free_ports(3))),
         cwd=ROOT, env=venv_env(DDP_EXAMPLE_FAULT=fault), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:

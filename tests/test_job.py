@@ -179,12 +179,12 @@ def test_clean_run_leaves_no_traceback_no_error_and_no_process(default_run):
 
 
 @pytest.fixture(scope="module")
-def three_sites_run(synthetic_root, tmp_path_factory):
+def three_sites_run(small_root, tmp_path_factory):
     """3 sites of 1 rank with tracking and cross-site evaluation, 2 rounds: what the two tests below read."""
     workspace = str(tmp_path_factory.mktemp("three_sites"))
     result = run_job(
         "--num_rounds", "2", "--n_clients", "3", "--nproc_per_node", "1", "--use_tracking", "--cross_site_eval",
-        "--data_root", synthetic_root, "--workspace", workspace, "--master_port", str(free_ports(2)),
+        "--data_root", small_root, "--workspace", workspace, "--master_port", str(free_ports(2)),
     )  # fmt: skip
     return result, workspace
 
@@ -198,7 +198,7 @@ def test_tracking_with_three_sites_logs_per_site_scalars(three_sites_run):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert all(len(r["sites"]) == 3 for r in round_metrics(workspace))
     shards = result.stdout.split("training shards: ")[1].splitlines()[0]
-    assert sum(int(part.split()[1]) for part in shards.split(", ")) == 10_000
+    assert sum(int(part.split()[1]) for part in shards.split(", ")) == 1_500  # the small set's images
     for site in THREE_SITES:
         events = EventAccumulator(os.path.join(workspace, JOB_NAME, "server", "simulate_job", "tb_events", site))
         events.Reload()
@@ -327,15 +327,16 @@ def test_missing_batch_file_is_named_before_anything_starts(synthetic_root, tmp_
 
 
 @pytest.mark.e2e
-def test_corrupt_batch_stops_the_job_naming_the_file(synthetic_root, tmp_path):
+def test_corrupt_batch_stops_the_job_naming_the_file(small_root, tmp_path):
     root = tmp_path / "data"
-    shutil.copytree(synthetic_root, root)
+    shutil.copytree(small_root, root)
     path = root / "cifar-10-batches-py" / "test_batch"
     path.write_bytes(path.read_bytes()[:1000])
     started = time.monotonic()
     result = run_job(
-        "--data_root", str(root), "--workspace", str(tmp_path / "ws"), "--master_port", str(free_ports(2)), timeout=300
-    )
+        "--n_clients", "1", "--data_root", str(root), "--workspace", str(tmp_path / "ws"), "--master_port",
+        str(free_ports(1)), timeout=300,
+    )  # fmt: skip
     assert result.returncode == 1
     assert time.monotonic() - started < 120
     # Every rank reads the file; whichever says so first is named.
@@ -378,19 +379,19 @@ def test_export_config_into_unwritable_folder_is_one_clear_line(tmp_path, monkey
 
 
 @pytest.mark.e2e
-def test_a_crashed_run_resumes_from_its_kept_global_model(synthetic_root, tmp_path):
+def test_a_crashed_run_resumes_from_its_kept_global_model(small_root, tmp_path):
     # 1 rank a site: what is resumed is the global model, whatever the ranks.
     crashed = run_job(
-        "--num_rounds", "3", "--nproc_per_node", "1", "--data_root", synthetic_root, "--workspace",
+        "--num_rounds", "3", "--nproc_per_node", "1", "--data_root", small_root, "--workspace",
         str(tmp_path / "crashed"), "--master_port", str(free_ports(2)), DDP_EXAMPLE_FAULT="site-2:0:2:kill_torchrun",
     )  # fmt: skip
     assert crashed.returncode == 1, crashed.stderr[-3000:]
     saved = crashed.stderr.split("the global model after round 1 is kept: ")[1].split()[0]
-    saved_accuracy = accuracy_as_the_sites_measure(load_global_model(saved), synthetic_root, ranks=1)
+    saved_accuracy = accuracy_as_the_sites_measure(load_global_model(saved), small_root, ranks=1)
 
     workspace = str(tmp_path / "resumed")
     resumed = run_job(
-        "--num_rounds", "2", "--nproc_per_node", "1", "--initial_model", saved, "--data_root", synthetic_root,
+        "--num_rounds", "2", "--nproc_per_node", "1", "--initial_model", saved, "--data_root", small_root,
         "--workspace", workspace, "--master_port", str(free_ports(2)),
     )  # fmt: skip
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
@@ -466,8 +467,8 @@ def test_a_local_run_listens_on_loopback_only_but_for_torchruns_store(small_root
     workspace, port = str(tmp_path / "ws"), free_ports(2)
     job = subprocess.Popen(
         [*([*UNSHARE, "--net", "--mount", "sh", "-c", setup, "sh"] if ISOLATED else []), sys.executable,
-         os.path.join(ROOT, "job.py"), "--num_rounds", "2", "--data_root", small_root, "--workspace", workspace,
-         "--master_port", str(port)],
+         os.path.join(ROOT, "job.py"), "--num_rounds", "2", "--nproc_per_node", "2,1", "--data_root", small_root,
+         "--workspace", workspace, "--master_port", str(port)],
         cwd=ROOT, env=venv_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:

@@ -248,9 +248,9 @@ def test_a_site_on_two_nodes_trains_over_both(poc, synthetic_root, tmp_path):
 
 @pytest.mark.e2e
 @pytest.mark.xdist_group("two_nodes")
-def test_node_1_killed_mid_round_ends_the_job(poc, synthetic_root, tmp_path):
+def test_node_1_killed_mid_round_ends_the_job(poc, small_root, tmp_path):
     run = run_two_node_job(
-        poc, tmp_path, "--num_rounds", str(ROUNDS), "--data_root", synthetic_root, DDP_EXAMPLE_FAULT="site-1:1:1:kill"
+        poc, tmp_path, "--num_rounds", str(ROUNDS), "--data_root", small_root, DDP_EXAMPLE_FAULT="site-1:1:1:kill"
     )
     assert run["code"] == 1, run["stdout"][-3000:] + run["stderr"][-3000:]
     assert run["node_1_code"] != 0

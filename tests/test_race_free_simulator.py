@@ -77,10 +77,10 @@ def test_a_quiet_simulator_shows_its_warnings_and_errors_and_keeps_everything(qu
     assert capsys.readouterr().err == ("".join(lines[1::2]) + lines[4] if quiet else "".join(lines))
 
 
-def test_job_py_starts_every_site_when_the_race_is_forced(synthetic_root, tmp_path):
+def test_job_py_starts_every_site_when_the_race_is_forced(small_root, tmp_path):
     workspace = str(tmp_path)
     result = run_job(
-        "--num_rounds", "1", "--data_root", synthetic_root, "--workspace", workspace,
+        "--num_rounds", "1", "--data_root", small_root, "--workspace", workspace,
         "--master_port", str(free_ports(2)), timeout=300, PYTHONPATH=FORCE_RACE,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -192,7 +192,7 @@ def test_sites_that_send_different_parts_end_the_job_naming_the_site_and_the_ten
     blocks["my_trainer.py"] = blocks["my_trainer.py"].replace(
         "if k not in frozen}", 'if k not in frozen or args.site == "site-2"}'
     )
-    result, workspace = run_points_job(tmp_path, blocks)
+    result, workspace = run_points_job(tmp_path, blocks, "--nproc_per_node", "1")
     assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
     assert (
@@ -220,7 +220,7 @@ def test_a_trainer_of_your_own_that_raises_ends_the_job_naming_site_rank_and_mes
     blocks = doc_blocks()
     assert blocks["my_trainer.py"].count(before) == 1
     blocks["my_trainer.py"] = blocks["my_trainer.py"].replace(before, fault + before)
-    result, workspace = run_points_job(tmp_path, blocks)
+    result, workspace = run_points_job(tmp_path, blocks, "--nproc_per_node", "1,2")  # site-1: a rank less to start
     assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"ERROR: the job stopped {said}: site-2 rank {rank}: ERROR: ValueError: no {phase}. "), last
