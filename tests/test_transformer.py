@@ -13,7 +13,7 @@ import torch
 from conftest import ROOT, assert_clean, jobs_at_once, round_metrics
 from job import JOB_NAME
 from local_run.results import metric
-from test_your_own_trainer import doc_blocks, run_your_job, your_project
+from test_your_own_trainer import doc_blocks, your_project
 
 SITE = os.path.join(ROOT, "tests", "transformer_site")
 sys.path.insert(0, SITE)
@@ -146,10 +146,8 @@ def test_an_optimizer_kept_across_rounds_learns_under_fsdp_in_bf16(tmp_path):
     # load into the same parameter tensors in place: test_flare_ddp.py's bucket broadcast.)
     project = transformer_project(tmp_path / "project", keep_optimizer=True)
     workspace = str(tmp_path / "fsdp")
-    run = run_your_job(
-        project, *RANKS, "--num_rounds", "3", "--epochs", "1", "--lr", "0.01", "--data_root", data(tmp_path / "data"),
-        "--workspace", workspace, "--fsdp",
-    )  # fmt: skip
+    flags = [*RANKS, "--num_rounds", "3", "--epochs", "1", "--lr", "0.01", "--data_root", data(tmp_path / "data")]
+    run = jobs_at_once({"fsdp": [*flags, "--workspace", workspace, "--fsdp"]}, project=project)["fsdp"]
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     rounds = round_metrics(workspace)
     assert_learns_next_tokens(rounds, metric(rounds[-1]["aggregated_metrics"], "accuracy"))  # round 2 starts from it
