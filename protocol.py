@@ -112,6 +112,11 @@ ERROR = "ERROR"  # the rank failed; the text says why
 STOPPING = "stopping"  # the server ended the run while this rank was working: a consequence, not a cause
 
 
+# How gloo and NCCL report that a peer rank went away (torch 2.14). A rank's line that says so is a consequence:
+# the peer that went first is the cause.
+PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "NCCL communicator was aborted")
+
+
 def rank_line(site: str, rank: int, kind: str, text: str) -> str:
     return f"{site} rank {rank}: {kind}: {text}"
 

@@ -15,10 +15,8 @@ import torch.distributed as dist
 from nvflare.client.cell.attach_session import TrainerSessionError
 
 from data import DataError
-from protocol import ERROR, STOPPING, rank_line
+from protocol import ERROR, PEER_LOST, STOPPING, rank_line
 
-# How gloo and NCCL report that a peer rank went away (torch 2.14).
-PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "NCCL communicator was aborted")
 # How gloo reports a peer that did not answer within the process group's timeout (torch 2.14). NCCL's
 # watchdog aborts the rank itself instead.
 PEER_STALLED = "Timed out waiting"

@@ -12,7 +12,7 @@ import threading
 import time
 from datetime import datetime
 
-from protocol import ERROR, STOPPING, rank_line, rank_line_pattern
+from protocol import ERROR, PEER_LOST, STOPPING, rank_line, rank_line_pattern
 
 # Lines of NVFlare's and torchrun's own that the diagnosis reads, checked against nvflare 2.9.0 and torch 2.14.1.
 NVFLARE_END_RUN = "server asked to end the run"  # a site's client, when the server ends its run
@@ -26,9 +26,8 @@ NVFLARE_WORKFLOW_FAILED = r"Exception in model controller run: (?:RuntimeError: 
 # launched, or exited before the handshake. The simulator's server is not told, and would wait for it forever.
 NVFLARE_SITE_ENDED = "Stopped ClientRunner due to FATAL_SYSTEM_ERROR"
 # torch 2.14 ends the exitcode line with "(SIGKILL)", torch 2.11 does not: the signal is named here instead.
-TORCHRUN_ROOT_CAUSE = (
-    r"Root Cause \(first observed failure\):.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)(?: \(pid: (\d+)\))?"
-)
+TORCHRUN_ROOT_CAUSE = r"Root Cause \(first observed failure\):.*?"
+TORCHRUN_FAILURE = r"rank\s*:\s*(\d+) \(local_rank: \d+\).*?exitcode\s*:\s*(-?\d+)(?: \(pid: (\d+)\))?"
 # The last line of an exception's traceback, as torch prints it on a rank: "[rank1]: ValueError: ...".
 TORCH_RANK_EXCEPTION = r"\[rank{rank}\]: ((?:\w+\.)*\w+: [^\n]*)"
 # NVFlare's log lines start with a timestamp such as "2026-11-27 05:30:40,123".
@@ -175,14 +174,23 @@ def diagnose(workspace: str, site: str) -> str | None:
         log = f.read().split(NVFLARE_END_RUN)[0]
     if re.search(rank_line_pattern(site, STOPPING, rank="0"), log):  # the server aborted this site's task
         return None
-    root = re.search(TORCHRUN_ROOT_CAUSE, log, re.S)
-    own = re.search(rank_line_pattern(site, ERROR, rank=root.group(1) if root else r"\d+"), log)
-    if own:
-        return own.group(0)
-    if root:
-        rank, code, pid = root.groups()
-        if int(code) < 0:
-            return killed(f"{site} rank {rank}", -int(code), pid and int(pid))
+    said = {}  # each rank's own first line
+    for line in re.finditer(rank_line_pattern(site, ERROR), log):
+        said.setdefault(line.group(1), line.group(0))
+    failed = {rank: (int(code), pid and int(pid)) for rank, code, pid in re.findall(TORCHRUN_FAILURE, log, re.S)}
+    root = re.search(TORCHRUN_ROOT_CAUSE + TORCHRUN_FAILURE, log, re.S)
+    # torchrun's first failure, then the other ranks. A rank that only lost a peer is a cause only when no other rank
+    # is: torchrun's failure times are whole seconds, and of two ranks that end together it names the lower.
+    ranks = list(dict.fromkeys(([root.group(1)] if root else []) + list(said) + list(failed)))
+    rank = next(
+        (r for r in ranks if not any(sign in said.get(r, "") for sign in PEER_LOST)), ranks[0] if ranks else None
+    )
+    if rank in said:
+        return said[rank]
+    if rank in failed:
+        code, pid = failed[rank]
+        if code < 0:
+            return killed(f"{site} rank {rank}", -code, pid)
         # A trainer of the user's own, raising before flare_ddp.init: torch's traceback, each line led by the rank.
         raised = re.findall(TORCH_RANK_EXCEPTION.format(rank=rank), log)
         if raised:

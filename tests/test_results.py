@@ -56,6 +56,33 @@ def test_the_failed_ranks_own_error_line_is_preferred(tmp_path):
     assert diagnose(write_log(tmp_path, "site-2", text), "site-2") == "site-2 rank 1: ERROR: RuntimeError: boom"
 
 
+LOST = "RuntimeError: [pair.cc:545] Read error [127.0.0.1]:46988: Connection reset by peer."
+FAILED_TOO = ROOT_CAUSE.replace("Root Cause (first observed failure)", "Failures")
+
+
+@pytest.mark.parametrize("other", ["raised", "killed"])
+def test_a_rank_that_only_lost_its_peer_is_not_the_cause_when_torchrun_names_it(tmp_path, other):
+    # Rank 1 failed, rank 0 lost it within the same second: torchrun's failure times are whole seconds, and it names
+    # the lower rank of a tie (seen in CI).
+    first = ROOT_CAUSE.replace("1 (local_rank: 1)", "0 (local_rank: 0)").replace("-9 (pid: 7626){suffix}", "1")
+    if other == "raised":
+        text = f"x - INFO - site-2 rank 1: ERROR: ValueError: no round\nx - INFO - site-2 rank 0: ERROR: {LOST}\n"
+        text += FAILED_TOO.replace("-9 (pid: 7626){suffix}", "1") + first
+        expected = "site-2 rank 1: ERROR: ValueError: no round"
+    else:
+        text = f"x - INFO - site-2 rank 0: ERROR: {LOST}\n" + FAILED_TOO.format(suffix="") + first
+        expected = "site-2 rank 1 failed (exit code -9 (SIGKILL))"
+    assert diagnose(write_log(tmp_path, "site-2", text), "site-2").startswith(expected)
+
+
+def test_a_lost_peer_is_the_cause_when_no_rank_here_failed_otherwise(tmp_path):
+    # A rank on another node was killed: this node's ranks only lost it, and the named rank says so.
+    text = f"x - INFO - site-2 rank 0: ERROR: {LOST}\nx - INFO - site-2 rank 1: ERROR: {LOST}\n" + ROOT_CAUSE.replace(
+        "-9 (pid: 7626){suffix}", "1"
+    )
+    assert diagnose(write_log(tmp_path, "site-2", text), "site-2") == f"site-2 rank 1: ERROR: {LOST}"
+
+
 def test_a_rank_that_raised_without_a_line_of_its_own_is_named_from_torchs_traceback(tmp_path):
     # A trainer of the user's own that raised before flare_ddp.init(): torch leads each traceback line with the rank.
     text = (
