@@ -1,6 +1,6 @@
 """Federate a PyTorch DistributedDataParallel (or FSDP2, fully_shard) training loop with NVFlare: global rank 0 talks
-to the NVFlare server, and every rank gets the task, the round and the global weights. It imports only torch and
-nvflare.
+to the NVFlare server, and every rank gets the task, the round and the global weights. It imports only torch,
+NumPy and nvflare.
 
 In the script that torchrun starts on each site, after `dist.init_process_group(...)`:
 
@@ -43,6 +43,7 @@ import sys
 from dataclasses import dataclass, field
 from datetime import timedelta
 
+import numpy as np
 import nvflare.client as flare
 import torch
 import torch.distributed as dist
@@ -65,6 +66,13 @@ TIED = "ddp_example_tied"
 # In a task's meta: the names the server left out because this site has them already, unchanged since it was sent
 # them (server_fedavg.SendOnce): the site keeps its own copies.
 KEPT = "ddp_example_kept"
+# A tensor of more than PIECE_BYTES travels cut into flat pieces of at most that size, each one request of NVFlare's
+# download: whole, a large tensor is one request, which over a slow link outlives NVFlare's timeouts and is then sent
+# again from its first byte. NVFlare's own chunk for tensors is 2 MiB. In a task's or result's meta, PIECES names each
+# cut tensor with its shape and its number of pieces; piece i travels as f"{name}{PIECE}{i}".
+PIECE_BYTES = 2 * 2**20
+PIECES = "ddp_example_pieces"
+PIECE = "#piece"
 
 
 @dataclass
@@ -102,6 +110,7 @@ class Task:
         cpu_params = None if params is None else {n: t.detach().cpu() for n, t in params.items() if n not in tied}
         if cpu_params is not None:
             print(f"flare_ddp: {self.kind} task of round {self.round}: sent {_size(cpu_params)}", flush=True)
+            cpu_params, meta[PIECES] = cut(cpu_params)
         flare.send(flare.FLModel(params=cpu_params, metrics=metrics, meta=meta))
 
 
@@ -305,4 +314,42 @@ def _receive() -> tuple[list[int], tuple[dict, list[str]] | None]:
     if loaded and received.params is None:
         raise RuntimeError(f"the server sent a {kind} task without weights")
     header = [_KINDS.index(kind), received.current_round or 0, received.total_rounds or 0, int(loaded)]
-    return header, (received.params, (received.meta or {}).get(KEPT)) if loaded else None
+    meta = received.meta or {}
+    return header, (join(received.params, meta.get(PIECES) or {}), meta.get(KEPT)) if loaded else None
+
+
+def cut(params: dict) -> tuple[dict, dict]:
+    """`params` with every tensor (or NumPy array) of more than PIECE_BYTES in flat pieces of at most that size (views
+    of it, not copies), and what join() needs to put them together again (the meta's PIECES)."""
+    out, pieces = {}, {}
+    for name, value in params.items():
+        size = value.numel() * value.element_size() if isinstance(value, torch.Tensor) else getattr(value, "nbytes", 0)
+        if PIECE in name:
+            raise ValueError(f"{name!r}: a state dict's names must not hold {PIECE!r}, which marks a piece in transit")
+        if size <= PIECE_BYTES:
+            out[name] = value
+            continue
+        flat = value.reshape(-1)
+        step = PIECE_BYTES // (size // len(flat))  # the values of a piece
+        parts = [flat[i : i + step] for i in range(0, len(flat), step)]
+        pieces[name] = [list(value.shape), len(parts)]
+        out.update((f"{name}{PIECE}{i}", part) for i, part in enumerate(parts))
+    return out, pieces
+
+
+def join(params: dict, pieces: dict) -> dict:
+    """The tensors that cut() put in pieces, whole again, in their places. Takes the pieces out of `params` one tensor
+    at a time, so that no more than one tensor is held twice."""
+    whole = {}
+    for key in list(params):
+        if key not in params:  # a piece, taken already
+            continue
+        name, _, index = key.rpartition(PIECE)
+        if name not in pieces:
+            whole[key] = params.pop(key)
+            continue
+        shape, count = pieces[name]
+        parts = [params.pop(f"{name}{PIECE}{i}") for i in range(count)]
+        joined = torch.cat(parts) if isinstance(parts[0], torch.Tensor) else np.concatenate(parts)
+        whole[name] = joined.reshape(shape)
+    return whole

@@ -30,8 +30,10 @@ from nvflare.recipe import (
 from protocol import add_training_flags, positive_int, train_args
 from quantize import MODES, Dequantize, Quantize
 from server_fedavg import (
+    Cut,
     DtypeKeepingAggregator,
     ForgetTrained,
+    Join,
     LiveSitesEvaluation,
     MergingFedAvg,
     SendOnce,
@@ -321,15 +323,18 @@ def build_recipe(args: argparse.Namespace, gpu_blocks: list[list[str]] | None = 
     tasks = [AppConstants.TASK_TRAIN, AppConstants.TASK_VALIDATION]
     results = [AppConstants.TASK_TRAIN, AppConstants.TASK_SUBMIT_MODEL]
     # Each tensor goes to a site once: a tied pair's second name, and what the site has unchanged, are left out; what
-    # a site sent back, it may have changed.
+    # a site sent back, it may have changed. Large tensors travel in pieces (flare_ddp.PIECE_BYTES), joined where they
+    # arrive; quantized, each piece is quantized alone. Each side's filters run in the order they are added.
     recipe.add_server_output_filter(SendOnce(), tasks=tasks)
-    recipe.add_server_input_filter(ForgetTrained(), tasks=results)
+    recipe.add_server_output_filter(Cut(), tasks=tasks)
     if args.quantize_mode:  # quantized as they leave, restored as they arrive, both ways
         recipe.add_server_output_filter(Quantize(args.quantize_mode), tasks=tasks)
         recipe.add_client_input_filter(Dequantize(), tasks=tasks)
         recipe.add_client_output_filter(Quantize(args.quantize_mode), tasks=results)
         recipe.add_server_input_filter(Dequantize(), tasks=results)
         recipe.add_client_file(os.path.join(HERE, "quantize.py"))  # for the site's NVFlare client, not the trainer
+    recipe.add_server_input_filter(Join(), tasks=results)
+    recipe.add_server_input_filter(ForgetTrained(), tasks=results)
     if args.use_tracking:
         add_experiment_tracking(recipe, "tensorboard")
     if args.cross_site_eval:

@@ -20,7 +20,7 @@ from nvflare.app_common.workflows.base_fedavg import make_fedavg_metrics_aggrega
 from nvflare.app_common.workflows.cross_site_model_eval import CrossSiteModelEval
 from nvflare.app_common.workflows.fedavg import FedAvg
 
-from flare_ddp import KEPT, TIED, tied_names
+from flare_ddp import KEPT, PIECES, TIED, cut, join, tied_names
 
 # What TolerantFedAvg leaves for the final evaluation: the names of the sites that dropped out.
 DROPPED_SITES = "ddp_example_dropped_sites"
@@ -304,6 +304,42 @@ class SendOnce(Filter):
 
         self._digests[key] = (weakref.ref(value, forget), value._version, digest)
         return digest
+
+
+class Cut(Filter):
+    """The server's task data with each large tensor in pieces (flare_ddp.cut), so that each piece is one request of
+    NVFlare's download: a slow link moves a piece within NVFlare's timeouts, where a whole large tensor would not, and
+    a retry sends the piece again, not the tensor. flare_ddp joins them on the site."""
+
+    def process(self, shareable, fl_ctx):
+        dxo = _weights(shareable)
+        if dxo is None:
+            return shareable
+        dxo.data, pieces = cut(dxo.data)
+        dxo.set_meta_prop(PIECES, pieces)
+        return dxo.update_shareable(shareable)
+
+
+class Join(Filter):
+    """A site's result with the tensors that flare_ddp cut into pieces whole again, before anything else reads it."""
+
+    def process(self, shareable, fl_ctx):
+        dxo = _weights(shareable)
+        pieces = dxo and dxo.get_meta_prop(PIECES)
+        if not pieces:
+            return shareable
+        dxo.data = join(dxo.data, pieces)
+        dxo.remove_meta_props([PIECES])
+        return dxo.update_shareable(shareable)
+
+
+def _weights(shareable):
+    """The shareable's DXO if it carries weights by name, else None (a task without weights, a failed result)."""
+    try:
+        dxo = from_shareable(shareable)
+    except ValueError:
+        return None
+    return dxo if isinstance(dxo.data, dict) else None
 
 
 def _hash(raw: np.ndarray) -> bytes:
