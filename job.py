@@ -39,6 +39,7 @@ from server_fedavg import (
     SendOnce,
     TolerantFedAvg,
 )
+from streaming import SlowLinkStreaming
 
 # What every site runs, and the model the server starts from. To federate your own model and data, change these
 # four (docs/your-own-model-and-data.md).
@@ -317,8 +318,13 @@ def build_recipe(args: argparse.Namespace, gpu_blocks: list[list[str]] | None = 
     for module in TRAINER_FILES:
         recipe.add_client_file(os.path.join(HERE, module))
     # The server's average, the names it shares with sites, and the filters.
-    for module in ("server_fedavg.py", "flare_ddp.py", "quantize.py"):
+    for module in ("server_fedavg.py", "flare_ddp.py", "quantize.py", "streaming.py"):
         recipe.add_server_file(os.path.join(HERE, module))
+    # NVFlare's streaming, made fit for slow links in the server's process and each site's (streaming.py); a site's
+    # trainer inherits its client's settings.
+    recipe.add_client_file(os.path.join(HERE, "streaming.py"))
+    for target in ["server", *sites]:
+        recipe._job.to(SlowLinkStreaming(), target, id="slow_link_streaming")  # NVFlare's recipe has no public hook
     # What carries weights to the sites, and back (NVFlare wants the filters of one side on the same task sets).
     tasks = [AppConstants.TASK_TRAIN, AppConstants.TASK_VALIDATION]
     results = [AppConstants.TASK_TRAIN, AppConstants.TASK_SUBMIT_MODEL]

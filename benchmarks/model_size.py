@@ -41,7 +41,7 @@ from local_run.results import log_times  # noqa: E402
 WIDTH = 4096
 SITES = ["site-1", "site-2"]
 # The doc's "What to copy".
-COPIED = ["flare_ddp.py", "job.py", "protocol.py", "server_fedavg.py", "quantize.py", "local_run"]
+COPIED = ["flare_ddp.py", "job.py", "protocol.py", "server_fedavg.py", "quantize.py", "streaming.py", "local_run"]
 # This job's variants: their job.py flags, and whether they train the last layer alone.
 VARIANTS = {
     "this": ([], False),

@@ -349,6 +349,16 @@ def prepared_root(tmp_path_factory, flag: str) -> str:
     return root
 
 
+@pytest.fixture(autouse=True)
+def environment_kept():
+    """What a test changes in this process's environment goes with it: building the job in process sets NVFlare's
+    streaming settings there (streaming.py), which would otherwise reach every later test's processes."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> str:
     return prepared_root(tmp_path_factory, "--synthetic")

@@ -269,7 +269,12 @@ def test_export_config_writes_one_app_per_site_with_its_rank_count_and_no_fixed_
         # torchrun's standalone rendezvous: a free port at each launch, so two jobs on one site never collide.
         assert "--standalone" in command and not any(part.startswith("--master_port") for part in command)
         custom = os.path.join(os.path.dirname(os.path.dirname(config[0])), "custom")
-        assert {"client.py", "data.py", "model.py", "protocol.py"} <= set(os.listdir(custom))
+        assert {"client.py", "data.py", "model.py", "protocol.py", "streaming.py"} <= set(os.listdir(custom))
+        assert "streaming.SlowLinkStreaming" in [c["path"] for c in client_config["components"]]
+    # The server's process streams the global model to the sites: it gets the slow-link settings too.
+    (server_config,) = glob.glob(os.path.join(job_dir, "**", "config_fed_server.json"), recursive=True)
+    with open(server_config) as f:
+        assert "streaming.SlowLinkStreaming" in [c["path"] for c in json.load(f)["components"]]
 
 
 def test_nvflare_export_flag_still_works(tmp_path):

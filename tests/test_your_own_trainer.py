@@ -23,6 +23,7 @@ COPIED = [
     "protocol.py",
     "server_fedavg.py",
     "quantize.py",
+    "streaming.py",
     "local_run",
 ]  # the doc's "What to copy"
 
@@ -340,6 +341,7 @@ TRAINER_FILES = [
     "rank_exit.py",
     "server_fedavg.py",
     "quantize.py",
+    "streaming.py",
 ]
 
 
