@@ -1,13 +1,18 @@
 """The short run of benchmarks/model_size.py (bench.py item 7): a model of 100 MiB through this job and through
 NVFlare's stock job, side by side, with the server's peak memory held against the model's size. Time is noisy
-here, and stays in the benchmark; memory is steady enough to assert."""
+here, and stays in the benchmark; memory is steady enough to assert. And benchmarks/model_size.py's project with a
+tensor larger than a piece (flare_ddp.PIECE_BYTES), quantized and sharded, through a real run."""
 
 import os
+import runpy
+import subprocess
 import sys
 
 import pytest
+import torch
 
-from conftest import OWN_NETWORK, ROOT
+from conftest import OWN_NETWORK, ROOT, job_command, venv_env
+from job import JOB_NAME
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import model_size  # noqa: E402
@@ -32,3 +37,32 @@ def test_a_100_mib_model_costs_the_server_no_more_than_nvflares_own_job():
     # site's serialized copy and received result, the running sum), with room for the load's 2.
     assert ours <= 700 * MiB + 10 * model, ours / MiB
     assert runs["this"]["rank 0"] > model  # the sampler saw the trainer, which holds the model
+
+
+def test_a_tensor_larger_than_a_piece_travels_in_pieces_quantized_to_sharded_ranks_and_back(tmp_path):
+    # One 1536 x 1536 float32 layer: 9 MiB, 5 pieces each way (flare_ddp.PIECE_BYTES), each piece blockwise8 on the
+    # wire; 2 ranks a site that shard it (FSDP2). The pieces must be cut, quantized, restored and joined in that order
+    # on both sides, or the trainer or the server's average gets no whole tensor.
+    width, folder = 1536, str(tmp_path / "project")
+    model_size.write_project(folder, 1, "float32", "this-fsdp", width=width)
+    workspace = tmp_path / "ws"
+    result = subprocess.run(
+        job_command("--num_rounds", "1", "--nproc_per_node", "2", "--fsdp", "--quantize_mode", "blockwise8",
+                    "--data_root", str(tmp_path), "--workspace", str(workspace), folder=folder),
+        cwd=folder, env=venv_env(), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    logs = workspace / JOB_NAME
+    site = (logs / "site-1" / "log.txt").read_text()
+    # Whole on the trainer, twice: the round's task and the final evaluation's.
+    assert site.count(f"received 1 tensors, {width * width * 4:,} bytes") == 2, site[-3000:]
+    server = (logs / "server" / "log.txt").read_text()
+    assert "5 tensors quantized to blockwise8" in server  # the pieces, each alone
+    # Whole in the saved global model, one step from the initial model.
+    saved = torch.load(next(logs.glob("server/**/FL_global_model.pt")), weights_only=True)["model"]["layers.0.weight"]
+    initial = runpy.run_path(os.path.join(folder, "big_model.py"))["Big"](seed=0).layers[0].weight.detach()
+    assert saved.shape == (width, width)
+    change = (saved - initial).abs().max().item()
+    # One SGD step of 1e-3 and blockwise8's error (1/254 of a block's largest value), where pieces joined out of
+    # order would move values by as much as the weights' own size.
+    assert 0 < change < 0.2 * initial.abs().max().item(), change
