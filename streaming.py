@@ -42,7 +42,10 @@ class SlowLinkStreaming(FLComponent):
     def __init__(self):
         super().__init__()
         read = ConfigService.get_var_values()  # what this process has read already, and keeps
+        late = {name: read[name] for name, value in SETTINGS.items() if name in read and read[name] != value}
         for name, value in SETTINGS.items():
             os.environ.setdefault(f"NVFLARE_{name.upper()}", str(value))
-            if name in read and read[name] != value:
-                self.logger.warning(f"{name} was read as {read[name]} before this job could set it to {value}")
+        if late:
+            self.logger.warning(f"streaming settings read before this job could set them, kept as they are: {late}")
+        else:
+            self.logger.info(f"streaming settings for slow links: {SETTINGS}, unless the system sets them")
