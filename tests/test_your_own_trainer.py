@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, assert_clean, assert_learns, processes_of, round_metrics, venv_env
+from conftest import ROOT, assert_clean, assert_learns, job_command, processes_of, round_metrics, venv_env
 from job import JOB_NAME, load_global_model
 from local_run.results import metric, read_rounds
 
@@ -57,9 +57,9 @@ def your_project(folder, blocks: dict[str, str]) -> None:
 
 
 def run_your_job(folder, *args, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "job.py", *args], cwd=folder, env=venv_env(), capture_output=True, text=True, timeout=timeout
-    )
+    """Your project's `python job.py ARGS`, in a network of its own like every real run of the tests."""
+    return subprocess.run(job_command(*args, folder=str(folder)), cwd=folder, env=venv_env(), capture_output=True,
+                          text=True, timeout=timeout)  # fmt: skip
 
 
 def points(n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
