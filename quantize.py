@@ -35,7 +35,7 @@ class Quantize(Filter):
         self.mode = mode
 
     def process(self, shareable, fl_ctx):
-        dxo = _weights(shareable)
+        dxo = weights_of(shareable)
         if dxo is None:
             return shareable
         data, quantized = {}, {}
@@ -59,7 +59,7 @@ class Dequantize(Filter):
     """The weights Quantize packed, back in their own dtypes and shapes."""
 
     def process(self, shareable, fl_ctx):
-        dxo = _weights(shareable)
+        dxo = weights_of(shareable)
         quantized = dxo and dxo.get_meta_prop(QUANTIZED)
         if not quantized:
             return shareable
@@ -105,7 +105,7 @@ def _nbytes(params: dict) -> int:
     return sum(t.numel() * t.element_size() for t in params.values() if isinstance(t, torch.Tensor))
 
 
-def _weights(shareable):
+def weights_of(shareable):
     """The shareable's DXO if it carries weights, else None."""
     try:
         dxo = from_shareable(shareable)

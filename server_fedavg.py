@@ -1,7 +1,7 @@
 """The server's side: NVFlare's FedAvg, with every tensor kept in its dtype and results that may hold only part of the
 model; for `--min_clients K` below the number of sites, FedAvg that goes on without a site whose training failed, as
 long as at least K sites send a result in every round, and a final evaluation on the sites that are left; and the
-filter that sends each site only the tensors it lacks."""
+filters that send each site only the tensors it lacks, and large tensors in pieces."""
 
 import hashlib
 import math
@@ -21,6 +21,7 @@ from nvflare.app_common.workflows.cross_site_model_eval import CrossSiteModelEva
 from nvflare.app_common.workflows.fedavg import FedAvg
 
 from flare_ddp import KEPT, PIECES, TIED, cut, join, tied_names
+from quantize import weights_of
 
 # What TolerantFedAvg leaves for the final evaluation: the names of the sites that dropped out.
 DROPPED_SITES = "ddp_example_dropped_sites"
@@ -312,7 +313,7 @@ class Cut(Filter):
     a retry sends the piece again, not the tensor. flare_ddp joins them on the site."""
 
     def process(self, shareable, fl_ctx):
-        dxo = _weights(shareable)
+        dxo = weights_of(shareable)
         if dxo is None:
             return shareable
         dxo.data, pieces = cut(dxo.data)
@@ -324,22 +325,13 @@ class Join(Filter):
     """A site's result with the tensors that flare_ddp cut into pieces whole again, before anything else reads it."""
 
     def process(self, shareable, fl_ctx):
-        dxo = _weights(shareable)
+        dxo = weights_of(shareable)
         pieces = dxo and dxo.get_meta_prop(PIECES)
         if not pieces:
             return shareable
         dxo.data = join(dxo.data, pieces)
         dxo.remove_meta_props([PIECES])
         return dxo.update_shareable(shareable)
-
-
-def _weights(shareable):
-    """The shareable's DXO if it carries weights by name, else None (a task without weights, a failed result)."""
-    try:
-        dxo = from_shareable(shareable)
-    except ValueError:
-        return None
-    return dxo if isinstance(dxo.data, dict) else None
 
 
 def _hash(raw: np.ndarray) -> bytes:
