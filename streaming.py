@@ -13,13 +13,16 @@ WINDOW / RETRY_WAIT (0.28 Mbit/s) sends nothing twice, and a link that stops mov
 RETRY_WAIT + RETRY_TIMEOUT (6 minutes). With flare_ddp's pieces of 2 MiB, one request of NVFlare's download moves at
 most 2 MiB, well within its 600 s timeouts at that rate.
 
-NVFlare reads these from the process's comm_config.json or its NVFLARE_<NAME> environment variables, not from a job.
-This component sets the environment variables where they are not set yet, in the process that builds it (which is
-before that process streams anything); a comm_config.json of the system's own still has the last word."""
+NVFlare reads these from the process's comm_config.json or its NVFLARE_<NAME> environment variables, not from a job,
+and keeps what it has read. This component, built in the server's job process and in each site's, sets the
+environment variables there, and replaces what the process has read already (NVFlare's defaults: a server's job
+process was seen to stream before it built the job's components); a setting that the system gives in the
+environment or in comm_config.json stays as it is."""
 
 import os
 
 from nvflare.apis.fl_component import FLComponent
+from nvflare.fuel.f3.comm_config import CommConfigurator
 from nvflare.fuel.utils.config_service import ConfigService
 
 CHUNK = 2**20  # NVFlare's streaming chunk (its default)
@@ -37,15 +40,20 @@ SETTINGS = {
 
 
 class SlowLinkStreaming(FLComponent):
-    """Sets SETTINGS in this process's environment, where neither the environment nor NVFlare already has them."""
+    """Sets SETTINGS for this process, except those its system sets itself (in the environment or comm_config.json)."""
 
     def __init__(self):
         super().__init__()
-        read = ConfigService.get_var_values()  # what this process has read already, and keeps
-        late = {name: read[name] for name, value in SETTINGS.items() if name in read and read[name] != value}
+        system = CommConfigurator().config or {}  # this process's comm_config.json
+        read = ConfigService.get_var_values()  # what this process has read so far: NVFlare keeps it, and uses it
+        ours = {}
         for name, value in SETTINGS.items():
-            os.environ.setdefault(f"NVFLARE_{name.upper()}", str(value))
-        if late:
-            self.logger.warning(f"streaming settings read before this job could set them, kept as they are: {late}")
-        else:
-            self.logger.info(f"streaming settings for slow links: {SETTINGS}, unless the system sets them")
+            variable = f"NVFLARE_{name.upper()}"
+            if name in system or os.environ.get(variable, str(value)) != str(value):  # the system's own
+                continue
+            os.environ[variable] = str(value)  # for what this process reads later, and the processes it starts
+            if name in read:  # read already, as NVFlare's default (a job process may stream before it builds this)
+                read[name] = value
+            ours[name] = value
+        own = sorted(set(SETTINGS) - set(ours))
+        self.logger.info(f"streaming settings for slow links: {ours}; the system's own: {own}")
