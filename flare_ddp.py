@@ -344,7 +344,7 @@ def join(params: dict, pieces: dict) -> dict:
     for key in list(params):
         if key not in params:  # a piece, taken already
             continue
-        name, _, index = key.rpartition(PIECE)
+        name = key.rpartition(PIECE)[0]
         if name not in pieces:
             whole[key] = params.pop(key)
             continue
