@@ -25,6 +25,17 @@ NVFLARE_WORKFLOW_FAILED = r"Exception in model controller run: (?:RuntimeError: 
 # A site's client when it ends its run by itself, with NVFlare's reason: for example its trainer could not be
 # launched, or exited before the handshake. The simulator's server is not told, and would wait for it forever.
 NVFLARE_SITE_ENDED = "Stopped ClientRunner due to FATAL_SYSTEM_ERROR"
+# Whoever downloads (a site's trainer the task's weights, the server a trainer's result), when NVFlare's download
+# gave up: from whom, the transfer's reference, and why ("error requesting data from server.simulate_job after 600.1
+# secs: timeout" after its retries; "download aborted after ..." when the job was ending already: not a cause).
+NVFLARE_DOWNLOAD_FAILED = re.compile(
+    r"failed to download from (\S+) for source \{[^}]*'ref_id': '([^']+)'\}: (.*)$", re.M
+)
+# The sender of a download (the server for a task's weights), when it offers one and when that download ends.
+NVFLARE_TX_OFFERED = r"set transaction info: tx_id='([^']+)', ref_id='{ref}'"
+NVFLARE_TX_DONE = r"download tx {tx} done: status=\w+ elapsed=([\d.]+)s size=[^(]*\(([\d,]+) bytes\)"
+# flare_ddp on rank 0, as it hands a result to NVFlare: "flare_ddp: train task of round 0: sent 10 tensors, 9 bytes".
+FLARE_DDP_SENT = r"flare_ddp: \w+ task of round \d+: sent \d+ tensors, ([\d,]+) bytes"
 # torch 2.14 ends the exitcode line with "(SIGKILL)", torch 2.11 does not: the signal is named here instead.
 TORCHRUN_ROOT_CAUSE = r"Root Cause \(first observed failure\):.*?"
 TORCHRUN_FAILURE = r"rank\s*:\s*(\d+) \(local_rank: \d+\).*?exitcode\s*:\s*(-?\d+)(?: \(pid: (\d+)\))?"
@@ -146,14 +157,23 @@ def follow_rounds(server_dir: str, num_rounds: int, done: threading.Event, poll:
 
 def log_times(path: str, text: str) -> list[float]:
     """When (epoch seconds) the log lines that contain `text` were written."""
-    times = []
-    if os.path.isfile(path):
-        with open(path, errors="replace") as f:
-            for line in f:
-                stamp = LOG_TIME.match(line)
-                if stamp and text in line:
-                    times.append(datetime.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp())
-    return times
+    lines = read_text(path).splitlines()
+    return [stamp for stamp in (log_time(line) for line in lines if text in line) if stamp is not None]
+
+
+def log_time(line: str) -> float | None:
+    """When (epoch seconds) a log line was written, or None if it does not start with NVFlare's timestamp."""
+    stamp = LOG_TIME.match(line)
+    return stamp and datetime.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+
+def read_text(path: str | None) -> str:
+    """A log's text, or "" where there is none."""
+    try:
+        with open(path or "", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
 
 
 def round_wall_times(server_log: str) -> list[float]:
@@ -164,8 +184,9 @@ def round_wall_times(server_log: str) -> list[float]:
     ]
 
 
-def diagnose(workspace: str, site: str) -> str | None:
-    """What went wrong on a site, from its log: torchrun's root-cause report, or how the trainer ended."""
+def diagnose(workspace: str, site: str, server_log: str | None = None) -> str | None:
+    """What went wrong on a site, from its log and the server's: torchrun's root-cause report, how the trainer ended,
+    or a transfer between the site and the server that NVFlare gave up on."""
     path = os.path.join(workspace, site, "log.txt")
     if not os.path.isfile(path):
         return None
@@ -196,6 +217,9 @@ def diagnose(workspace: str, site: str) -> str | None:
         if raised:
             return rank_line(site, int(rank), ERROR, raised[-1])
         return f"{site} rank {rank} failed (exit code {code})"
+    lost = transfer_failed(site, log, read_text(server_log))
+    if lost:
+        return lost
     ended = re.search(NVFLARE_TRAINER_EXITED, log)
     if ended:
         return f"{site}'s torchrun ended (rc={ended.group(1)}) before it sent a result"
@@ -203,6 +227,43 @@ def diagnose(workspace: str, site: str) -> str | None:
     if fatal:
         return f"{site}: NVFlare could not start the trainer: {fatal.group(1)}"
     return None
+
+
+def transfer_failed(site: str, site_log: str, server_log: str) -> str | None:
+    """A transfer between `site` and the server that NVFlare gave up on, from both logs: its direction, and the
+    bytes and seconds the logs tell of it."""
+    hint = "(a slow link? docs/performance.md, Slow links)"
+    down = next(gave_up(site_log), None)
+    if down:  # the trainer downloads the task's weights from the server
+        _, ref, why, _ = down
+        offered = re.search(NVFLARE_TX_OFFERED.format(ref=re.escape(ref)), server_log)
+        done = offered and re.search(NVFLARE_TX_DONE.format(tx=re.escape(offered.group(1))), server_log)
+        moved = f"the server sent {done.group(2)} bytes in {float(done.group(1)):.1f} s, then " if done else ""
+        return f"{site}: the task's weights did not arrive (server -> {site}): {moved}NVFlare gave up: {why} {hint}"
+    up = next((f for f in gave_up(server_log) if f[0].split(".")[0] == site), None)
+    if up:  # the server downloads a trainer's result
+        _, _, why, when = up
+        sent = list(re.finditer(rf"^.*?{FLARE_DDP_SENT}", site_log, re.M))
+        if not sent:
+            return f"{site}: its result did not arrive ({site} -> server): NVFlare gave up: {why} {hint}"
+        start = log_time(sent[-1].group(0))
+        spent = f" {when - start:.1f} s after the trainer sent it," if start and when else ""
+        return (
+            f"{site}: its result of {sent[-1].group(1)} bytes did not arrive ({site} -> server):{spent} NVFlare gave "
+            f"up: {why} {hint}"
+        )
+    return None
+
+
+def gave_up(log: str):
+    """NVFlare's downloads in `log` that failed, as (from whom, reference, why, when), leaving out those it aborted
+    because the job was ending already."""
+    for found in NVFLARE_DOWNLOAD_FAILED.finditer(log):
+        source, ref, why = found.groups()
+        if "download aborted" in why:
+            continue
+        why = re.sub(r"\d+\.\d+", lambda n: f"{float(n.group()):.1f}", why)  # "after 0.0008771419525146484 secs"
+        yield source, ref, why, log_time(log[log.rfind("\n", 0, found.start()) + 1 :])
 
 
 def killed(what: str, signum: int, pid: int | None) -> str:
@@ -291,7 +352,7 @@ def report_failure(
     had finished when job.py was stopped; server_ended: how NVFlare's server process ended, if it was killed (then
     no site is blamed: what the sites logged after is a consequence); server_log: where the server's workflow says
     why it stopped, when no site failed."""
-    causes = {site: diagnose(logs_root, site) for site in sites} if logs_root and not server_ended else {}
+    causes = {site: diagnose(logs_root, site, server_log) for site in sites} if logs_root and not server_ended else {}
     failed = [site for site, cause in causes.items() if cause]
     # A stop by signal has no failed site: then any site still starting means start-up.
     phase = (
@@ -319,11 +380,7 @@ def report_failure(
 
 def workflow_error(server_log: str | None) -> str | None:
     """Why the server's workflow stopped the job, from its log, or None."""
-    try:
-        with open(server_log or "", errors="replace") as f:
-            found = re.search(NVFLARE_WORKFLOW_FAILED, f.read())
-    except OSError:
-        return None
+    found = re.search(NVFLARE_WORKFLOW_FAILED, read_text(server_log))
     return found and f"the server stopped the job: {found.group(1)}"
 
 
@@ -372,7 +429,7 @@ def summarize(
         )  # fmt: skip
         return 1
     for site, r in dropped.items():
-        cause = (diagnose(logs_root, site) if logs_root else None) or "see its log"
+        cause = (diagnose(logs_root, site, server_log) if logs_root else None) or "see its log"
         later = sorted({len(x["sites"]) for x in rounds if x["round"] >= r})
         print(
             f"{site} dropped out in round {r} ({cause}); rounds {r}-{rounds[-1]['round']} averaged "

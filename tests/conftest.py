@@ -68,7 +68,7 @@ OWN_NETWORK = [*UNSHARE, "--net", *LOOPBACK_UP] if ISOLATED else []
 POC_PROJECT = os.path.join("example_project", "prod_00")  # in a POC workspace: a folder per participant
 
 
-INJECT_FAULT = os.path.join(ROOT, "tests", "inject_fault")  # read its sitecustomize.py for DDP_EXAMPLE_FAULT
+INJECT_FAULT = os.path.join(ROOT, "tests", "inject_fault")  # sitecustomize.py: DDP_EXAMPLE_FAULT, _TRANSFER_FAILS
 
 
 def venv_env(gpus: bool = False, **extra) -> dict:
@@ -76,13 +76,13 @@ def venv_env(gpus: bool = False, **extra) -> dict:
 
     The processes a test starts see no GPU unless it asks for them: the tests of the CPU path make
     that path happen on any machine, with or without GPUs. With DDP_EXAMPLE_FAULT, the trainers
-    fail on cue (tests/inject_fault)."""
+    fail on cue, and with DDP_EXAMPLE_TRANSFER_FAILS, NVFlare's downloads (tests/inject_fault)."""
     env = dict(os.environ)
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     if not gpus:
         env["CUDA_VISIBLE_DEVICES"] = ""
     env.update(extra)
-    if env.get("DDP_EXAMPLE_FAULT"):
+    if env.get("DDP_EXAMPLE_FAULT") or env.get("DDP_EXAMPLE_TRANSFER_FAILS"):
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [INJECT_FAULT, env.get("PYTHONPATH")]))
     return env
 

@@ -11,6 +11,7 @@ The runs that need not learn train on the small synthetic set: what is tested is
 """
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -32,6 +33,7 @@ from conftest import (
 )
 from job import JOB_NAME, load_global_model
 from local_run.results import log_times
+from model import Net
 
 pytestmark = pytest.mark.e2e  # real runs of job.py or nvflare: the full tier only
 
@@ -187,6 +189,40 @@ def test_sigkill_of_the_server_mid_round_is_named_in_the_last_line_and_blames_no
     killed = f"NVFlare's server process (pid {server[0]}) failed (exit code -9 (SIGKILL))"
     assert last.startswith(f"ERROR: the job stopped in round 1 of {ROUNDS}: {killed}. Logs: "), stderr[-3000:]
     assert_kept(stderr, workspace, 0)
+    assert processes_left(workspace) == []
+
+
+NET_BYTES = f"{sum(t.numel() * t.element_size() for t in Net().state_dict().values()):,}"
+SLOW_LINK_HINT = r" \(a slow link\? docs/performance\.md, Slow links\)\. Logs: "
+GAVE_UP = {  # the direction that fails: what the last line says of it
+    "download": r"site-1: the task's weights did not arrive \(server -> site-1\): the server sent ([\d,]+) bytes in "
+    r"([\d.]+) s, then NVFlare gave up: error requesting data from server\.simulate_job after [\d.]+ secs: timeout",
+    "upload": rf"site-1: its result of {NET_BYTES} bytes did not arrive \(site-1 -> server\): ([\d.]+) s after the "
+    r"trainer sent it, NVFlare gave up: error requesting data from site-1\.simulate_job\.client_api_trainer_1 after "
+    r"[\d.]+ secs: timeout",
+}
+
+
+@pytest.mark.parametrize("direction", GAVE_UP)
+def test_a_transfer_nvflare_gives_up_on_ends_the_job_naming_site_direction_bytes_and_time(
+    direction, small_root, tmp_path
+):
+    # Each of NVFlare's requests times out at once (tests/inject_fault), as over a link too slow for them: after its
+    # retries (2 + 4 + 8 s apart) NVFlare gives up on the task's weights in the trainer, or on its result in the server.
+    workspace = str(tmp_path)
+    job = run_job(
+        "--num_rounds", "1", "--n_clients", "1", "--nproc_per_node", "1", "--data_root", small_root,
+        "--workspace", workspace, timeout=300, DDP_EXAMPLE_TRANSFER_FAILS=direction,
+    )  # fmt: skip
+    assert job.returncode == 1, job.stderr[-3000:]
+    last = job.stderr.strip().splitlines()[-1]
+    said = re.fullmatch(rf"ERROR: the job stopped in round 0 of 1: {GAVE_UP[direction]}{SLOW_LINK_HINT}.*", last)
+    assert said, job.stderr[-3000:]
+    *sent, seconds = said.groups()
+    assert float(seconds) >= 14  # the retries' waits: the time is the transfer's, not a request's
+    if sent:  # the server's count: the task's weights at least once
+        assert int(sent[0].replace(",", "")) >= int(NET_BYTES.replace(",", ""))
+    assert_kept(job.stderr, workspace, None)
     assert processes_left(workspace) == []
 
 

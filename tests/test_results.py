@@ -204,3 +204,26 @@ def test_a_rank_the_kernels_oom_killer_ended_is_said_to_have_run_out_of_memory(t
     assert diagnose(logs, "site-2").startswith(
         "site-2 rank 1 failed (exit code -9 (SIGKILL)): memory likely ran out: the kernel's OOM killer ended "
     )
+
+
+def test_a_download_nvflare_aborted_as_the_job_ended_blames_no_site(tmp_path):
+    # As in a real run: site-2's trainer gave up on its download (the cause); site-1's was aborted as the job ended.
+    line = (
+        "2026-12-03 23:26:06,863 - ExternalProcessBackend - INFO - failed to download from server.simulate_job for "
+        "source {{'fqcn': 'server.simulate_job', 'ref_id': '{ref}'}}: {why}\n"
+    )
+    write_log(tmp_path, "site-1", line.format(ref="91fc", why="download aborted after 0.003335237503051758 secs"))
+    gave_up = "error requesting data from server.simulate_job after 0.0008771419525146484 secs: timeout"
+    write_log(tmp_path, "site-2", line.format(ref="01e3", why=gave_up))
+    server_log = tmp_path / "server.txt"
+    server_log.write_text(
+        "2026-12-03 23:25:52,638 - TensorDownloadable - INFO - set transaction info: tx_id='T1', ref_id='01e3' x\n"
+        "2026-12-03 23:26:06,766 - _Transaction - INFO - [server] download tx T1 done: status=deleted elapsed=14.13s "
+        "size=0.9MB (995,008 bytes)\n"
+    )
+    assert diagnose(str(tmp_path), "site-1", str(server_log)) is None
+    assert diagnose(str(tmp_path), "site-2", str(server_log)) == (
+        "site-2: the task's weights did not arrive (server -> site-2): the server sent 995,008 bytes in 14.1 s, then "
+        "NVFlare gave up: error requesting data from server.simulate_job after 0.0 secs: timeout (a slow link? "
+        "docs/performance.md, Slow links)"
+    )

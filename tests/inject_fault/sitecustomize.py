@@ -7,7 +7,11 @@ DDP_EXAMPLE_FAULT=SITE:RANK:PHASE:KIND, several comma-separated. That rank fails
 its warm-up, before the handshake), a round number (when that round's task arrives), `send` (as round 1's result is
 sent: under FSDP, while the other ranks gather the full weights), or `eval` (the final evaluation). KIND: kill
 (SIGKILL the rank), raise (an exception), stop (SIGSTOP the rank: it hangs) or kill_torchrun (SIGKILL the site's
-torchrun)."""
+torchrun).
+
+DDP_EXAMPLE_TRANSFER_FAILS=download or upload: NVFlare's tensor downloads give up (every request times out at once,
+as over a link too slow for its per-request timeout, and after its retries it gives up) in the trainers (download: the
+task's weights) or in the simulator's server (upload: the trainers' results), and nowhere else."""
 
 import os
 import signal
@@ -63,6 +67,14 @@ def run_client_with_faults() -> None:
     )
     client.main()
 
+
+TRANSFER = os.environ.get("DDP_EXAMPLE_TRANSFER_FAILS")
+if TRANSFER:  # the simulator's server and its forks have it, the processes they start (sites, trainers) do not
+    timeout = "NVFLARE_TENSOR_STREAMING_PER_REQUEST_TIMEOUT"
+    if os.path.basename(SCRIPT) == {"download": "client.py", "upload": "race_free_simulator.py"}[TRANSFER]:
+        os.environ[timeout] = "0.000001"
+    else:
+        os.environ.pop(timeout, None)
 
 if FAULTS and os.path.basename(SCRIPT) == "client.py":
     run_client_with_faults()
