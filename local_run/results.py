@@ -238,7 +238,7 @@ def transfer_failed(site: str, site_log: str, server_log: str) -> str | None:
         _, ref, why, _ = down
         offered = re.search(NVFLARE_TX_OFFERED.format(ref=re.escape(ref)), server_log)
         done = offered and re.search(NVFLARE_TX_DONE.format(tx=re.escape(offered.group(1))), server_log)
-        moved = f"the server sent {done.group(2)} bytes in {float(done.group(1)):.1f} s, then " if done else ""
+        moved = f"the server put out {done.group(2)} bytes in {float(done.group(1)):.1f} s, then " if done else ""
         return f"{site}: the task's weights did not arrive (server -> {site}): {moved}NVFlare gave up: {why} {hint}"
     up = next((f for f in gave_up(server_log) if f[0].split(".")[0] == site), None)
     if up:  # the server downloads a trainer's result

@@ -195,7 +195,7 @@ def test_sigkill_of_the_server_mid_round_is_named_in_the_last_line_and_blames_no
 NET_BYTES = f"{sum(t.numel() * t.element_size() for t in Net().state_dict().values()):,}"
 SLOW_LINK_HINT = r" \(a slow link\? docs/performance\.md, Slow links\)\. Logs: "
 GAVE_UP = {  # the direction that fails: what the last line says of it
-    "download": r"site-1: the task's weights did not arrive \(server -> site-1\): the server sent ([\d,]+) bytes in "
+    "download": r"site-1: the task's weights did not arrive \(server -> site-1\): the server put out ([\d,]+) bytes in "
     r"([\d.]+) s, then NVFlare gave up: error requesting data from server\.simulate_job after [\d.]+ secs: timeout",
     "upload": rf"site-1: its result of {NET_BYTES} bytes did not arrive \(site-1 -> server\): ([\d.]+) s after the "
     r"trainer sent it, NVFlare gave up: error requesting data from site-1\.simulate_job\.client_api_trainer_1 after "

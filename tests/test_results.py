@@ -223,7 +223,7 @@ def test_a_download_nvflare_aborted_as_the_job_ended_blames_no_site(tmp_path):
     )
     assert diagnose(str(tmp_path), "site-1", str(server_log)) is None
     assert diagnose(str(tmp_path), "site-2", str(server_log)) == (
-        "site-2: the task's weights did not arrive (server -> site-2): the server sent 995,008 bytes in 14.1 s, then "
-        "NVFlare gave up: error requesting data from server.simulate_job after 0.0 secs: timeout (a slow link? "
+        "site-2: the task's weights did not arrive (server -> site-2): the server put out 995,008 bytes in 14.1 s, "
+        "then NVFlare gave up: error requesting data from server.simulate_job after 0.0 secs: timeout (a slow link? "
         "docs/performance.md, Slow links)"
     )
