@@ -211,7 +211,7 @@ def test_a_transfer_nvflare_gives_up_on_ends_the_job_naming_site_direction_bytes
     # retries (2 + 4 + 8 s apart) NVFlare gives up on the task's weights in the trainer, or on its result in the server.
     workspace = str(tmp_path)
     job = run_job(
-        "--num_rounds", "1", "--n_clients", "1", "--nproc_per_node", "1", "--data_root", small_root,
+        "--num_rounds", "1", "--epochs", "1", "--n_clients", "1", "--nproc_per_node", "1", "--data_root", small_root,
         "--workspace", workspace, timeout=300, DDP_EXAMPLE_TRANSFER_FAILS=direction,
     )  # fmt: skip
     assert job.returncode == 1, job.stderr[-3000:]
