@@ -69,7 +69,7 @@ def run_client_with_faults() -> None:
 
 
 TRANSFER = os.environ.get("DDP_EXAMPLE_TRANSFER_FAILS")
-if TRANSFER:  # the simulator's server and its forks have it, the processes they start (sites, trainers) do not
+if TRANSFER:  # only the processes that download keep it: each trainer, or the simulator's server (and its forks)
     timeout = "NVFLARE_TENSOR_STREAMING_PER_REQUEST_TIMEOUT"
     if os.path.basename(SCRIPT) == {"download": "client.py", "upload": "race_free_simulator.py"}[TRANSFER]:
         os.environ[timeout] = "0.000001"
