@@ -70,19 +70,6 @@ def poc_workspace(tmp_path) -> str:
     return own_poc(tmp_path)["NVFLARE_POC_WORKSPACE"]
 
 
-def test_env_poc_runs_the_job_on_its_own_poc_and_removes_it(small_root, tmp_path):
-    result = run_job(
-        "--env", "poc", "--nproc_per_node", "1", "--num_rounds", "2", "--data_root", small_root, "--workspace",
-        str(tmp_path / "ws"), timeout=600, **own_poc(tmp_path),
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "ended with status FINISHED:COMPLETED" in result.stdout
-    (result_dir,) = [os.path.join(tmp_path, "ws", JOB_NAME, d) for d in os.listdir(tmp_path / "ws" / JOB_NAME)]
-    assert_finished(os.path.join(result_dir, "workspace"), rounds=2)
-    assert not os.path.exists(poc_workspace(tmp_path))
-    assert processes_left(poc_workspace(tmp_path)) == []
-
-
 def test_env_poc_start_up_fault_ends_the_job_naming_the_site(small_root, tmp_path):
     result = run_job(
         "--env", "poc", "--n_clients", "1", "--num_rounds", "2", "--data_root", small_root, "--workspace",
@@ -100,6 +87,7 @@ def test_env_poc_start_up_fault_ends_the_job_naming_the_site(small_root, tmp_pat
 
 
 def test_env_poc_with_min_clients_goes_on_without_a_failed_site(small_root, tmp_path):
+    # Also the plain `--env poc` run: the job on a POC of its own, its workspace downloaded, the POC removed.
     result = run_job(
         "--env", "poc", "--n_clients", "3", "--nproc_per_node", "1", "--min_clients", "2", "--num_rounds", "3",
         "--data_root", small_root, "--workspace", str(tmp_path / "ws"), timeout=600,
@@ -111,6 +99,7 @@ def test_env_poc_with_min_clients_goes_on_without_a_failed_site(small_root, tmp_
     (result_dir,) = [os.path.join(tmp_path, "ws", JOB_NAME, d) for d in os.listdir(tmp_path / "ws" / JOB_NAME)]
     with open(os.path.join(result_dir, "workspace", "metrics", "round_metrics.jsonl")) as f:
         assert [len(json.loads(line)["sites"]) for line in f] == [3, 2, 2]
+    load_global_model(os.path.join(result_dir, "workspace", "app_server", "FL_global_model.pt"))
     assert not os.path.exists(poc_workspace(tmp_path))
     assert processes_left(poc_workspace(tmp_path)) == []
 

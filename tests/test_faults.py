@@ -48,7 +48,6 @@ PHASES = {  # PHASE: (how the summary names it, the round whose global model is 
 FAULTY_SITE_2 = ["--nproc_per_node", "1,2"]
 KINDS = {  # KIND: (the rank it hits, the cause the summary gives for SITE)
     "kill": (1, "{site} rank 1 failed (exit code -9 (SIGKILL))"),
-    "raise": (0, "{site} rank 0: ERROR: RuntimeError: injected fault"),
     "kill_torchrun": (0, "{site}'s torchrun ended (rc=-9) before it sent a result"),
 }
 
@@ -66,14 +65,14 @@ def assert_kept(stderr: str, workspace: str, kept_round: int | None) -> None:
 
 
 @pytest.mark.parametrize(
-    # A rank killed (as by the OOM killer) or a site's torchrun killed, in each phase; a raise in a round only: it
-    # takes client.py's own handler in every phase, and a trainer of your own that raises in each phase is
-    # test_your_own_trainer.py's.
+    # A rank killed (as by the OOM killer) or a site's torchrun killed, in each phase. A raise takes client.py's own
+    # handler in every phase: in a round it is test_below_min_clients_the_job_ends_naming_the_sites_it_lost's, and a
+    # trainer of your own that raises in each phase is test_your_own_trainer.py's.
     "phase, kind",
-    [*((phase, kind) for kind in ("kill", "kill_torchrun") for phase in PHASES), ("1", "raise")],
+    [(phase, kind) for kind in ("kill", "kill_torchrun") for phase in PHASES],
 )
 def test_fault_ends_the_job_naming_site_rank_and_phase(phase, kind, small_root, tmp_path):
-    site = "site-1" if kind == "raise" else "site-2"
+    site = "site-2"
     rank, cause = KINDS[kind]
     said, kept_round = PHASES[phase]
     workspace = str(tmp_path)

@@ -20,7 +20,6 @@ pytestmark = pytest.mark.e2e  # real runs of job.py or nvflare: the full tier on
         # reaches DDP's global model (test_transformer.py). One seed's weights travel as NumPy arrays.
         (0, ["--nproc_per_node", "1"]),
         (1, ["--nproc_per_node", "1", "--exchange_format", "numpy"]),
-        (2, ["--nproc_per_node", "1"]),
     ],
 )
 def test_defaults_climb_without_a_dip_on_three_skewed_sites(small_root, tmp_path, seed, flags):

@@ -1,6 +1,9 @@
 """Large tensors in pieces, in process: the server's and the trainer's sides of the exchange, with NVFlare's own DXO
 and filters: what travels, in pieces of what size, and what arrives."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -8,6 +11,7 @@ from nvflare.apis.dxo import DXO, DataKind, from_shareable
 from nvflare.apis.fl_context import FLContext
 
 import flare_ddp
+from conftest import ROOT
 from flare_ddp import PIECE, PIECE_BYTES, PIECES, cut, join
 from quantize import Dequantize, Quantize, dequantize, quantize
 from server_fedavg import Cut, Join
@@ -99,3 +103,40 @@ def test_what_a_trainer_sends_goes_in_pieces_with_their_meta(monkeypatch):
     assert all(t.numel() * t.element_size() <= PIECE_BYTES for t in result.params.values())
     arrived = join(dict(result.params), result.meta[PIECES])
     assert all(torch.equal(arrived[name], tensor) for name, tensor in model().items())
+
+
+# In a process of its own, whose allocator has freed a large block once (as every process of a job has): a 256 MiB
+# tensor travels in pieces as NVFlare moves them (each piece serialized and loaded with safetensors), and join()
+# makes it whole. The process's memory after join must hold the tensor once, not its freed pieces as well.
+JOINED_IN_A_FRESH_PROCESS = """
+import os, sys
+import torch
+from safetensors.torch import load, save
+from flare_ddp import cut, join
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+block = bytes(8 * 2**20)
+del block
+tensor = torch.randn(2**26)
+pieces, meta = cut({"w": tensor})
+wire = [save({name: piece}) for name, piece in pieces.items()]
+del tensor, pieces
+one_copy = rss()  # the serialized pieces: the tensor's bytes, once
+received = {}
+for item in wire:
+    received.update(load(item))
+del wire, item
+whole = join(received, meta)
+print((rss() - one_copy) / 2**20)
+"""
+
+
+def test_joined_pieces_leave_the_tensor_once_in_memory_not_the_freed_pieces_as_well():
+    result = subprocess.run(
+        [sys.executable, "-c", JOINED_IN_A_FRESH_PROCESS], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert float(result.stdout) < 16, f"{result.stdout.strip()} MiB more than one copy of a 256 MiB tensor"
