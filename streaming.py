@@ -10,8 +10,8 @@ download fails ("Received duplicate chunk 0", "retry failed after 60 s"), in NVF
 With the settings below no more than WINDOW bytes are on their way at once, each chunk is acknowledged as it arrives,
 and a chunk goes again only after RETRY_WAIT: so a site whose share of the server's link is at least
 WINDOW / RETRY_WAIT (0.14 Mbit/s) sends nothing twice, and a link that stops moving fails a transfer within
-RETRY_WAIT + RETRY_TIMEOUT (7 minutes; by design, not yet seen in a run). With flare_ddp's pieces of 2 MiB, one
-request of NVFlare's download moves at most 2 MiB, within its 600 s timeouts at that rate.
+RETRY_WAIT + RETRY_TIMEOUT (7 minutes; by design, not yet seen in a run). With flare_ddp's pieces of 8 MiB, one
+request of NVFlare's download moves at most 8 MiB, within its 600 s timeouts at that rate.
 
 NVFlare reads these from the process's comm_config.json or its NVFLARE_<NAME> environment variables, not from a job,
 and keeps what it has read. This component, built in the server's job process and in each site's, sets the

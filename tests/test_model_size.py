@@ -40,10 +40,10 @@ def test_a_100_mib_model_costs_the_server_no_more_than_nvflares_own_job():
 
 
 def test_a_tensor_larger_than_a_piece_travels_in_pieces_quantized_to_sharded_ranks_and_back(tmp_path):
-    # One 1536 x 1536 float32 layer: 9 MiB, 5 pieces each way (flare_ddp.PIECE_BYTES), each piece blockwise8 on the
+    # One 3072 x 3072 float32 layer: 36 MiB, 5 pieces each way (flare_ddp.PIECE_BYTES), each piece blockwise8 on the
     # wire; 2 ranks a site that shard it (FSDP2). The pieces must be cut, quantized, restored and joined in that order
     # on both sides, or the trainer or the server's average gets no whole tensor.
-    width, folder = 1536, str(tmp_path / "project")
+    width, folder = 3072, str(tmp_path / "project")
     model_size.write_project(folder, 1, "float32", "this-fsdp", width=width)
     workspace = tmp_path / "ws"
     result = subprocess.run(
