@@ -105,29 +105,32 @@ def test_what_a_trainer_sends_goes_in_pieces_with_their_meta(monkeypatch):
     assert all(torch.equal(arrived[name], tensor) for name, tensor in model().items())
 
 
-# In a process of its own, whose allocator has freed a large block once (as every process of a job has): a 256 MiB
-# tensor travels in pieces as NVFlare moves them (each piece serialized and loaded with safetensors), and join()
-# makes it whole. The process's memory after join must hold the tensor once, not its freed pieces as well.
+# In a process of its own, whose allocator has freed a block larger than a piece once (as every process of a job has:
+# glibc then keeps blocks up to that size in its heap), a 256 MiB tensor travels in pieces as NVFlare moves them (each
+# piece serialized and loaded with safetensors), and join() makes it whole. The process's memory after join must hold
+# the tensor once, not its freed pieces as well (which glibc keeps where what the process allocated meanwhile sits
+# above them in its heap).
 JOINED_IN_A_FRESH_PROCESS = """
-import os, sys
+import os
 import torch
 from safetensors.torch import load, save
-from flare_ddp import cut, join
+from flare_ddp import PIECE_BYTES, cut, join
 
 def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
-block = bytes(8 * 2**20)
+block = bytes(3 * PIECE_BYTES)  # under glibc's 32 MiB cap on the threshold it raises
 del block
 tensor = torch.randn(2**26)
 pieces, meta = cut({"w": tensor})
 wire = [save({name: piece}) for name, piece in pieces.items()]
 del tensor, pieces
 one_copy = rss()  # the serialized pieces: the tensor's bytes, once
-received = {}
+received, kept = {}, []
 for item in wire:
     received.update(load(item))
+    kept.append(bytearray(64 * 2**10))  # what else the process allocates meanwhile, and keeps
 del wire, item
 whole = join(received, meta)
 print((rss() - one_copy) / 2**20)
