@@ -32,6 +32,7 @@ pytestmark = pytest.mark.e2e  # real runs of job.py or nvflare: the full tier on
 
 
 ROUNDS = 2  # of an exported job
+POC_END = 120  # seconds from a fault or signal until job.py on its own POC has ended everything (docs/failures.md)
 
 
 def export_job(data_root: str, folder, *args: str) -> str:
@@ -81,7 +82,7 @@ def test_env_poc_start_up_fault_ends_the_job_naming_the_site(small_root, tmp_pat
     assert "ERROR: the job stopped during start-up: site-1 rank 1 failed (exit code -9 (SIGKILL))" in result.stderr
     (kept,) = [os.path.join(tmp_path, "ws", JOB_NAME, d) for d in os.listdir(tmp_path / "ws" / JOB_NAME)]
     injected = log_times(os.path.join(kept, "site-1", "log.txt"), "injecting fault")
-    assert injected and ended - injected[0] < 120
+    assert injected and ended - injected[0] < POC_END
     assert not os.path.exists(poc_workspace(tmp_path))
     assert processes_left(poc_workspace(tmp_path)) == []
 
@@ -116,8 +117,10 @@ def test_sigterm_to_job_py_ends_its_poc_and_keeps_the_job(small_root, tmp_path):
         wait_for_log_lines(server_logs, "Sending task train", 2, timeout=300)  # round 1 has started
         sent = time.monotonic()
         job.send_signal(signal.SIGTERM)
-        _, stderr = job.communicate(timeout=30)
-        assert processes_left(poc, grace=30 - (time.monotonic() - sent)) == []
+        # 18-22 s here, most of it NVFlare's abort and POC stop; CI, with the other worker's run beside it, took over
+        # 30 s once. The bound is docs/failures.md's for POC: a job.py that hangs still fails it.
+        _, stderr = job.communicate(timeout=POC_END)
+        assert processes_left(poc, grace=POC_END - (time.monotonic() - sent)) == []
     finally:
         if job.poll() is None:  # the test failed before job.py ended: leave no POC behind
             job.kill()
@@ -141,7 +144,7 @@ def test_sigkill_to_job_py_ends_its_poc(small_root, tmp_path):
         wait_for_log_lines(server_logs, "Sending task train", 2, timeout=300)
         job.send_signal(signal.SIGKILL)
         job.wait(timeout=10)
-        left = processes_left(poc, grace=30)
+        left = processes_left(poc, grace=POC_END)
         gone = not os.path.exists(poc)
     finally:
         job.kill()

@@ -351,10 +351,26 @@ def test_corrupt_batch_stops_the_job_naming_the_file(small_root, tmp_path):
     assert processes_of(str(tmp_path)) == []
 
 
+def adjacent_ports() -> tuple[socket.socket, socket.socket]:
+    """Two sockets on ports P-1 and P of 127.0.0.1: P listening (taken), P-1 bound with SO_REUSEADDR and not
+    listening, which keeps every other process off it and still lets job.py's check (SO_REUSEADDR) find it free."""
+    while True:
+        free = socket.socket()
+        free.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        free.bind(("127.0.0.1", 0))
+        taken = socket.socket()
+        try:
+            taken.bind(("127.0.0.1", free.getsockname()[1] + 1))
+            taken.listen()
+            return free, taken
+        except OSError:  # P is someone else's: another pair
+            free.close()
+            taken.close()
+
+
 def test_taken_master_port_is_named(synthetic_root, tmp_path, monkeypatch, capsys):
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
+    free, taken = adjacent_ports()
+    with free, taken:
         port = taken.getsockname()[1]
         code, _, err = job_main(
             monkeypatch, capsys, "--data_root", synthetic_root, "--workspace", str(tmp_path), "--master_port",
