@@ -11,9 +11,12 @@ round is almost only weight traffic):
 - the floor: the round's bytes (the model down to and up from every site) serialized as NVFlare does (safetensors)
   and moved through a loopback socket, in one process.
 Every process of a run has its RSS sampled every 0.2 s. It writes its own models and needs no data.
+With --link_mbit, each job runs in a network namespace of its own with the server's port shaped to that rate each
+way (slow_link.py), and the table gives round 0's time and what crossed the link instead of memory.
 
   python benchmarks/bench.py --items 7  # 64, 256 and 768 MiB in fp32, 768 MiB of layers in bf16 (384 MiB)
   python benchmarks/model_size.py --layers 24 --dtype bfloat16 --ranks 1 --jobs this  # rows of your own
+  python benchmarks/model_size.py --layers 1 --rounds 1 --link_mbit 100  # 68 MB over a 100 Mbit/s server link
 """
 
 import argparse
@@ -39,6 +42,8 @@ sys.path.insert(0, PROJECT)
 from local_run.results import log_times  # noqa: E402
 
 WIDTH = 4096
+SLOW_LINK = os.path.join(HERE, "slow_link.py")
+UNSHARE = ["unshare"] if os.geteuid() == 0 else ["unshare", "--user", "--map-root-user"]
 SITES = ["site-1", "site-2"]
 # The doc's "What to copy".
 COPIED = ["flare_ddp.py", "job.py", "protocol.py", "server_fedavg.py", "quantize.py", "streaming.py", "local_run"]
@@ -242,7 +247,7 @@ def run(folder: str, command: list[str], server_log: str, trainer: str) -> dict:
         command, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     memory = PeakMemory(psutil.Process(process.pid), server_log, trainer)
-    output, _ = process.communicate(timeout=3600)
+    output, _ = process.communicate(timeout=6 * 3600)
     wall = time.time() - started
     peaks = memory.stop()
     if process.returncode != 0:
@@ -252,7 +257,15 @@ def run(folder: str, command: list[str], server_log: str, trainer: str) -> dict:
         )
     sends = log_times(server_log, "Sending task train")
     rounds = [b - a for a, b in zip(sends[1:], sends[2:])]  # round 0 holds start-up; the last has no next
-    return {"wall": wall, "round": sum(rounds) / len(rounds) if rounds else float("nan"), **peaks}
+    saved = log_times(server_log, "Start persist model on server")  # a round's new global model
+    link = re.search(r"slow link: .*: ([\d,]+) bytes down, ([\d,]+) bytes up", output)  # what crossed it
+    return {
+        "wall": wall,
+        "round": sum(rounds) / len(rounds) if rounds else float("nan"),
+        "round 0": saved[0] - sends[0] if sends and saved else float("nan"),  # from its task out to its model
+        **peaks,
+        **({"crossed": (_int(link[1]), _int(link[2]))} if link else {}),
+    }
 
 
 def bytes_moved(logs: str, round_: int = 1) -> tuple[int, int]:
@@ -306,10 +319,18 @@ def mib(n: int) -> str:
 
 
 def measure(
-    layers: int, dtype: str, rounds: int, jobs: list[str], ranks: int, width: int = WIDTH, prefix: list[str] = ()
+    layers: int,
+    dtype: str,
+    rounds: int,
+    jobs: list[str],
+    ranks: int,
+    width: int = WIDTH,
+    prefix: list[str] = (),
+    link_mbit: float | None = None,
 ) -> dict:
     """Each job's run with a model of `layers` layers of width x width `dtype` weights; prefix: what each job's
-    command line runs under (a network namespace of its own, in the tests)."""
+    command line runs under (a network namespace of its own, in the tests); link_mbit: the server's port shaped to
+    this rate each way (slow_link.py, in a network namespace of the job's own)."""
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for job in jobs:
@@ -323,6 +344,8 @@ def measure(
                 command = [sys.executable, "job.py", "--num_rounds", str(rounds), "--workspace", workspace,
                            "--nproc_per_node", str(ranks), "--data_root", tmp, *VARIANTS[job][0]]  # fmt: skip
                 server_log, trainer = os.path.join(workspace, "pt_ddp_fedavg", "server", "log.txt"), "big_trainer.py"
+            if link_mbit:
+                prefix = [*UNSHARE, "--net", sys.executable, SLOW_LINK, str(link_mbit), server_log]
             results[job] = run(folder, [*prefix, *command], server_log, trainer)
             if job != "stock":
                 results[job]["moved"] = bytes_moved(os.path.join(workspace, "pt_ddp_fedavg"))
@@ -365,8 +388,34 @@ HEADER = [
 SIZES = [(1, "float32"), (4, "float32"), (12, "float32"), (12, "bfloat16")]
 
 
-def report(sizes: list[tuple[int, str]], rounds: int, jobs: list[str], ranks: int, width: int = WIDTH) -> None:
-    """Print the table: each (layers, dtype) of `sizes`, each job."""
+LINK_HEADER = [
+    "| link, each way | model | job | round 0 (s) | whole job (s) | MB across the link, down + up, whole job |",
+    "|---|---|---|---|---|---|",
+]
+
+
+def link_rows(layers: int, dtype: str, results: dict, mbit: float, width: int = WIDTH) -> list[str]:
+    """Markdown rows of a run over a slow link, a job each: round 0 from its task's going out to its global model
+    (the weights down to each site and up again; start-up is before it), and what crossed the link in the whole job
+    (framing and repeats included; the final evaluation sends the model down once more)."""
+    model_mb = layers * width * width * torch.finfo(getattr(torch, dtype)).bits // 8 / 1e6
+    return [
+        f"| {mbit:g} Mbit/s | {model_mb:,.0f} MB {dtype} | {job} | {r['round 0']:.1f} | {r['wall']:.1f} | "
+        f"{r['crossed'][0] / 1e6:,.0f} + {r['crossed'][1] / 1e6:,.0f} |"
+        for job, r in results.items()
+    ]
+
+
+def report(
+    sizes: list[tuple[int, str]], rounds: int, jobs: list[str], ranks: int, width: int = WIDTH, link_mbit=None
+) -> None:
+    """Print the table: each (layers, dtype) of `sizes`, each job; with link_mbit, over a link of that rate."""
+    if link_mbit:
+        print("\n".join(LINK_HEADER), flush=True)
+        for layers, dtype in sizes:
+            results = measure(layers, dtype, rounds, jobs, ranks, width, link_mbit=link_mbit)
+            print("\n".join(link_rows(layers, dtype, results, link_mbit, width)), flush=True)
+        return
     bases = {dtype: measure(1, dtype, rounds, jobs, ranks, width=128) for dtype in {d for _, d in sizes}}
     print("\n".join(HEADER), flush=True)
     for layers, dtype in sizes:
@@ -382,8 +431,15 @@ def main() -> None:
     p.add_argument("--width", type=int, default=WIDTH, help="each layer is width x width")
     p.add_argument("--ranks", type=int, default=2, help="ranks of each site of this job (the stock job has one)")
     p.add_argument("--jobs", nargs="+", default=["this", "stock"], choices=[*VARIANTS, "stock"], help="jobs to run")
+    p.add_argument(
+        "--link_mbit",
+        type=float,
+        help="shape the server's port to this many Mbit/s each way (slow_link.py; root, or unprivileged user "
+        "namespaces): transfer times over a slow link instead of memory",
+    )
     args = p.parse_args()
-    report([(layers, args.dtype) for layers in args.layers], args.rounds, args.jobs, args.ranks, args.width)
+    sizes = [(layers, args.dtype) for layers in args.layers]
+    report(sizes, args.rounds, args.jobs, args.ranks, args.width, args.link_mbit)
 
 
 if __name__ == "__main__":
