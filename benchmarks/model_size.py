@@ -12,11 +12,11 @@ round is almost only weight traffic):
   and moved through a loopback socket, in one process.
 Every process of a run has its RSS sampled every 0.2 s. It writes its own models and needs no data.
 With --link_mbit, each job runs in a network namespace of its own with the server's port shaped to that rate each
-way (slow_link.py), and the table gives round 0's time and what crossed the link instead of memory.
+way (slow_link.py), and the table gives round 1's time and what crossed the link instead of memory.
 
   python benchmarks/bench.py --items 7  # 64, 256 and 768 MiB in fp32, 768 MiB of layers in bf16 (384 MiB)
   python benchmarks/model_size.py --layers 24 --dtype bfloat16 --ranks 1 --jobs this  # rows of your own
-  python benchmarks/model_size.py --layers 1 --rounds 1 --link_mbit 100  # 68 MB over a 100 Mbit/s server link
+  python benchmarks/model_size.py --layers 1 --rounds 2 --link_mbit 100  # 68 MB over a 100 Mbit/s server link
 """
 
 import argparse
@@ -262,7 +262,8 @@ def run(folder: str, command: list[str], server_log: str, trainer: str) -> dict:
     return {
         "wall": wall,
         "round": sum(rounds) / len(rounds) if rounds else float("nan"),
-        "round 0": saved[0] - sends[0] if sends and saved else float("nan"),  # from its task out to its model
+        # round 1 from its task's going out to its new global model (round 0 holds the trainers' start-up)
+        "round 1": saved[1] - sends[1] if len(sends) > 1 and len(saved) > 1 else float("nan"),
         **peaks,
         **({"crossed": (_int(link[1]), _int(link[2]))} if link else {}),
     }
@@ -347,7 +348,7 @@ def measure(
             if link_mbit:
                 prefix = [*UNSHARE, "--net", sys.executable, SLOW_LINK, str(link_mbit), server_log]
             results[job] = run(folder, [*prefix, *command], server_log, trainer)
-            if job != "stock":
+            if job != "stock" and not link_mbit:  # over a slow link: what crossed it instead
                 results[job]["moved"] = bytes_moved(os.path.join(workspace, "pt_ddp_fedavg"))
             shutil.rmtree(workspace, ignore_errors=True)
     return results
@@ -389,18 +390,18 @@ SIZES = [(1, "float32"), (4, "float32"), (12, "float32"), (12, "bfloat16")]
 
 
 LINK_HEADER = [
-    "| link, each way | model | job | round 0 (s) | whole job (s) | MB across the link, down + up, whole job |",
+    "| link, each way | model | job | round 1 (s) | whole job (s) | MB across the link, down + up, whole job |",
     "|---|---|---|---|---|---|",
 ]
 
 
 def link_rows(layers: int, dtype: str, results: dict, mbit: float, width: int = WIDTH) -> list[str]:
-    """Markdown rows of a run over a slow link, a job each: round 0 from its task's going out to its global model
-    (the weights down to each site and up again; start-up is before it), and what crossed the link in the whole job
-    (framing and repeats included; the final evaluation sends the model down once more)."""
+    """Markdown rows of a run over a slow link, a job each: round 1 from its task's going out to its new global
+    model (the weights down to each site and up again), and what crossed the link in the whole job (framing and
+    repeats included; the final evaluation sends the model down once more)."""
     model_mb = layers * width * width * torch.finfo(getattr(torch, dtype)).bits // 8 / 1e6
     return [
-        f"| {mbit:g} Mbit/s | {model_mb:,.0f} MB {dtype} | {job} | {r['round 0']:.1f} | {r['wall']:.1f} | "
+        f"| {mbit:g} Mbit/s | {model_mb:,.0f} MB {dtype} | {job} | {r['round 1']:.1f} | {r['wall']:.1f} | "
         f"{r['crossed'][0] / 1e6:,.0f} + {r['crossed'][1] / 1e6:,.0f} |"
         for job, r in results.items()
     ]
@@ -438,6 +439,8 @@ def main() -> None:
         "namespaces): transfer times over a slow link instead of memory",
     )
     args = p.parse_args()
+    if args.link_mbit and args.rounds < 2:
+        p.error("--link_mbit needs --rounds 2 or more: the table gives round 1 (round 0 holds the trainers' start-up)")
     sizes = [(layers, args.dtype) for layers in args.layers]
     report(sizes, args.rounds, args.jobs, args.ranks, args.width, args.link_mbit)
 
