@@ -11,6 +11,7 @@ kernel; netem does not.
   unshare --net python benchmarks/slow_link.py 100 WORKSPACE/<job>/server/log.txt python job.py ...
 """
 
+import os
 import re
 import subprocess
 import sys
@@ -22,18 +23,21 @@ LISTENER = re.compile(r"server: creating listener on \w+://[^:\s]+:(\d+)$", re.M
 DOWN, UP = "1:10", "1:20"  # the classes: from the server (its port as the source), to it (as the destination)
 
 
-def tc(*words: str) -> None:
-    subprocess.run(["tc", *words], check=True)
+def sbin(*command: str) -> str:
+    """Runs iproute2's `command` (tc, ip: in sbin, which a normal user's PATH may lack); returns its output."""
+    path = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
+    done = subprocess.run(command, check=True, capture_output=True, text=True, env={**os.environ, "PATH": path})
+    return done.stdout
 
 
 def shape_lo(mbit: float) -> None:
     """Loopback up, with an HTB qdisc whose two classes each carry mbit Mbit/s; unclassified traffic is not shaped
     (HTB sends what no filter matches at once)."""
-    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
-    tc("qdisc", "add", "dev", "lo", "root", "handle", "1:", "htb")
+    sbin("ip", "link", "set", "lo", "up")
+    sbin("tc", "qdisc", "add", "dev", "lo", "root", "handle", "1:", "htb")
     for classid in (DOWN, UP):
-        tc("class", "add", "dev", "lo", "parent", "1:", "classid", classid, "htb", "rate", f"{mbit}mbit", "ceil",
-           f"{mbit}mbit", "burst", "128k", "cburst", "128k", "quantum", "65536")  # fmt: skip
+        sbin("tc", "class", "add", "dev", "lo", "parent", "1:", "classid", classid, "htb", "rate", f"{mbit}mbit",
+             "ceil", f"{mbit}mbit", "burst", "128k", "cburst", "128k", "quantum", "65536")  # fmt: skip
 
 
 def server_port(server_log: str, process: subprocess.Popen) -> int | None:
@@ -53,13 +57,13 @@ def server_port(server_log: str, process: subprocess.Popen) -> int | None:
 def send_through_link(port: int) -> None:
     # IPv4 only: NVFlare's server listens on 0.0.0.0.
     for direction, classid in (("sport", DOWN), ("dport", UP)):
-        tc("filter", "add", "dev", "lo", "parent", "1:", "protocol", "ip", "prio", "1", "u32", "match", "ip",
-           direction, str(port), "0xffff", "flowid", classid)  # fmt: skip
+        sbin("tc", "filter", "add", "dev", "lo", "parent", "1:", "protocol", "ip", "prio", "1", "u32", "match",
+             "ip", direction, str(port), "0xffff", "flowid", classid)  # fmt: skip
 
 
 def crossed() -> dict[str, int]:
     """Bytes each class has sent so far."""
-    shown = subprocess.run(["tc", "-s", "class", "show", "dev", "lo"], capture_output=True, text=True).stdout
+    shown = sbin("tc", "-s", "class", "show", "dev", "lo")
     return {m[1]: int(m[2]) for m in re.finditer(r"class htb (\S+) .*?\n\s*Sent (\d+) bytes", shown)}
 
 
