@@ -237,9 +237,10 @@ class PeakMemory:
             self.peaks[key] = max(self.peaks.get(key, 0), rss)
 
 
-def run(folder: str, command: list[str], server_log: str, trainer: str) -> dict:
+def run(folder: str, command: list[str], server_log: str, trainer: str, keep_going: bool = False) -> dict:
     """One job: its wall time, its marginal round time (between the server's train tasks after round 0), and the
-    peak memory of its processes."""
+    peak memory of its processes. A job that fails raises, or with keep_going, is one more result: its exit code
+    under "failed" and its output's end under "output"."""
     started = time.time()
     # The stock job's trainers run `python3` from PATH: this interpreter's.
     env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
@@ -250,7 +251,7 @@ def run(folder: str, command: list[str], server_log: str, trainer: str) -> dict:
     output, _ = process.communicate(timeout=6 * 3600)
     wall = time.time() - started
     peaks = memory.stop()
-    if process.returncode != 0:
+    if process.returncode != 0 and not keep_going:
         peaks_mib = {name: mib(value) for name, value in peaks.items()}
         raise RuntimeError(
             f"{' '.join(command)} failed ({process.returncode}), peak RSS MiB {peaks_mib}:\n{output[-3000:]}"
@@ -266,6 +267,7 @@ def run(folder: str, command: list[str], server_log: str, trainer: str) -> dict:
         "round 1": saved[1] - sends[1] if len(sends) > 1 and len(saved) > 1 else float("nan"),
         **peaks,
         **({"crossed": (_int(link[1]), _int(link[2]))} if link else {}),
+        **({"failed": process.returncode, "output": output[-3000:]} if process.returncode else {}),
     }
 
 
@@ -347,7 +349,14 @@ def measure(
                 server_log, trainer = os.path.join(workspace, "pt_ddp_fedavg", "server", "log.txt"), "big_trainer.py"
             if link_mbit:
                 prefix = [*UNSHARE, "--net", sys.executable, SLOW_LINK, str(link_mbit), server_log]
-            results[job] = run(folder, [*prefix, *command], server_log, trainer)
+            # Over a slow link a job may fail (NVFlare's stock job does): that is a result, and its logs are kept.
+            results[job] = run(folder, [*prefix, *command], server_log, trainer, keep_going=bool(link_mbit))
+            if results[job].get("failed"):
+                kept = tempfile.mkdtemp(prefix=f"model_size-{job}-failed-")
+                if os.path.isdir(workspace):
+                    shutil.copytree(workspace, kept, dirs_exist_ok=True)
+                print(f"{job} failed (exit code {results[job]['failed']}); its logs (if it left any) are in {kept}; "
+                      f"its output ended:\n{results[job]['output']}", file=sys.stderr, flush=True)  # fmt: skip
             if job != "stock" and not link_mbit:  # over a slow link: what crossed it instead
                 results[job]["moved"] = bytes_moved(os.path.join(workspace, "pt_ddp_fedavg"))
             shutil.rmtree(workspace, ignore_errors=True)
@@ -400,11 +409,13 @@ def link_rows(layers: int, dtype: str, results: dict, mbit: float, width: int = 
     model (the weights down to each site and up again), and what crossed the link in the whole job (framing and
     repeats included; the final evaluation sends the model down once more)."""
     model_mb = layers * width * width * torch.finfo(getattr(torch, dtype)).bits // 8 / 1e6
-    return [
-        f"| {mbit:g} Mbit/s | {model_mb:,.0f} MB {dtype} | {job} | {r['round 1']:.1f} | {r['wall']:.1f} | "
-        f"{r['crossed'][0] / 1e6:,.0f} + {r['crossed'][1] / 1e6:,.0f} |"
-        for job, r in results.items()
-    ]
+    lines = []
+    for job, r in results.items():
+        round_1 = f"failed (exit code {r['failed']})" if r.get("failed") else f"{r['round 1']:.1f}"
+        down, up = (n / 1e6 for n in r.get("crossed", (0, 0)))  # nothing, if the server never listened
+        lines.append(f"| {mbit:g} Mbit/s | {model_mb:,.0f} MB {dtype} | {job} | {round_1} | {r['wall']:.1f} | "
+                     f"{down:,.0f} + {up:,.0f} |")  # fmt: skip
+    return lines
 
 
 def report(
