@@ -407,7 +407,7 @@ LINK_HEADER = [
 def link_rows(layers: int, dtype: str, results: dict, mbit: float, width: int = WIDTH) -> list[str]:
     """Markdown rows of a run over a slow link, a job each: round 1 from its task's going out to its new global
     model (the weights down to each site and up again), and what crossed the link in the whole job (framing and
-    repeats included; the final evaluation sends the model down once more)."""
+    repeats included; this job's final evaluation sends its last and best models down again)."""
     model_mb = layers * width * width * torch.finfo(getattr(torch, dtype)).bits // 8 / 1e6
     lines = []
     for job, r in results.items():
