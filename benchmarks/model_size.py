@@ -39,11 +39,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PROJECT = os.path.dirname(HERE)
 sys.path.insert(0, PROJECT)
 
+from slow_link import UNSHARE  # noqa: E402  (this folder: on the path as a script, and in the tests)
+
 from local_run.results import log_times  # noqa: E402
 
 WIDTH = 4096
 SLOW_LINK = os.path.join(HERE, "slow_link.py")
-UNSHARE = ["unshare"] if os.geteuid() == 0 else ["unshare", "--user", "--map-root-user"]
 SITES = ["site-1", "site-2"]
 # The doc's "What to copy".
 COPIED = ["flare_ddp.py", "job.py", "protocol.py", "server_fedavg.py", "quantize.py", "streaming.py", "local_run"]
@@ -347,10 +348,9 @@ def measure(
                 command = [sys.executable, "job.py", "--num_rounds", str(rounds), "--workspace", workspace,
                            "--nproc_per_node", str(ranks), "--data_root", tmp, *VARIANTS[job][0]]  # fmt: skip
                 server_log, trainer = os.path.join(workspace, "pt_ddp_fedavg", "server", "log.txt"), "big_trainer.py"
-            if link_mbit:
-                prefix = [*UNSHARE, "--net", sys.executable, SLOW_LINK, str(link_mbit), server_log]
+            under = [*UNSHARE, "--net", sys.executable, SLOW_LINK, str(link_mbit), server_log] if link_mbit else prefix
             # Over a slow link a job may fail (NVFlare's stock job does): that is a result, and its logs are kept.
-            results[job] = run(folder, [*prefix, *command], server_log, trainer, keep_going=bool(link_mbit))
+            results[job] = run(folder, [*under, *command], server_log, trainer, keep_going=bool(link_mbit))
             if results[job].get("failed"):
                 kept = tempfile.mkdtemp(prefix=f"model_size-{job}-failed-")
                 if os.path.isdir(workspace):

@@ -18,6 +18,9 @@ import sys
 import threading
 import time
 
+# What makes a network namespace of one's own: root makes it directly; a normal user makes a user namespace first, in
+# which it is root (Linux allows that by default: unprivileged user namespaces). Add "--net" and the command.
+UNSHARE = ["unshare"] if os.geteuid() == 0 else ["unshare", "--user", "--map-root-user"]
 # The server's listener for the sites, as NVFlare logs it (the admin listener's line ends in ?admin_listener=true).
 LISTENER = re.compile(r"server: creating listener on \w+://[^:\s]+:(\d+)$", re.MULTILINE)
 DOWN, UP = "1:10", "1:20"  # the classes: from the server (its port as the source), to it (as the destination)

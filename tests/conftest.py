@@ -15,6 +15,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from benchmarks.slow_link import UNSHARE  # noqa: E402
 from data import load_cifar10, normalize  # noqa: E402
 from job import JOB_NAME  # noqa: E402
 from local_run.results import log_times, metric, read_rounds  # noqa: E402
@@ -50,11 +51,9 @@ def pytest_collection_modifyitems(items):
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 NVFLARE = os.path.join(os.path.dirname(sys.executable), "nvflare")
 # Every real run gets a network of its own, a namespace with nothing but loopback: the ports it listens on never meet
-# another test's, nor those of another copy of the suite, nor another program's. Root makes
-# namespaces directly; a normal user makes a user namespace first, in which it is root: Linux allows that by default
-# (unprivileged user namespaces). LOOPBACK_UP raises loopback, which a new namespace starts without, and runs the rest
+# another test's, nor those of another copy of the suite, nor another program's (UNSHARE: as root or as a normal
+# user, benchmarks/slow_link.py). LOOPBACK_UP raises loopback, which a new namespace starts without, and runs the rest
 # of its command line (no `ip` needed: a GPU machine may lack it).
-UNSHARE = ["unshare"] if os.geteuid() == 0 else ["unshare", "--user", "--map-root-user"]
 LOOPBACK_UP = [sys.executable, "-c", "import fcntl, os, socket, struct, sys; fcntl.ioctl(socket.socket(), 0x8914, "
                "struct.pack('16sH', b'lo', 0x41)); os.execvp(sys.argv[1], sys.argv[1:])"]  # fmt: skip
 # Where the kernel allows no unprivileged user namespaces (some distributions' default), the real runs share the
