@@ -27,7 +27,7 @@ from nvflare.recipe import (
     set_recipe_meta,
 )
 
-from protocol import add_training_flags, positive_int, train_args
+from protocol import add_training_flags, positive_float, positive_int, train_args
 from quantize import MODES, Dequantize, Quantize
 from server_fedavg import (
     Cut,
@@ -66,10 +66,22 @@ def check_data(data_root: str) -> str | None:
 
 
 JOB_NAME = "pt_ddp_fedavg"  # the job's name, and its folder in every workspace
-# How long a site waits on the server for one request, in seconds. The reply to a task request or to a sent result
-# can wait on the whole model moving, minutes for a model of several GB on a slow link; NVFlare's default for both
-# is its 300 s communication timeout (docs/performance.md, Large models).
-TRANSFER_TIMEOUTS = {"get_task_timeout": 1200.0, "submit_task_result_timeout": 1800.0}
+# NVFlare's server fetches a site's result (its trainer's tensors) before it answers the site's submit request, and a
+# site whose wait for that answer runs out sends the result again: the server fetches it again, and over a slow link
+# the job failed (docs/performance.md, Slow links). So a site waits RESULT_WAIT_MARGIN times as long as every site's
+# result takes over the server's link at --link_mbit, and never less than NVFlare's own default. (A task request
+# waits on nothing large: the trainer fetches the task's tensors itself, after the answer.)
+RESULT_WAIT_MARGIN = 2.0
+NVFLARE_REQUEST_TIMEOUT = 300.0  # NVFlare's communication timeout, its default for submit_task_result_timeout
+DEFAULT_LINK_MBIT = 10.0
+
+
+def result_timeout(model: torch.nn.Module, n_sites: int, link_mbit: float) -> float:
+    """Seconds a site waits for the server to take its result: the whole model from every site over the link."""
+    model_bits = 8 * sum(tensor.nbytes for tensor in model.state_dict().values())
+    return max(NVFLARE_REQUEST_TIMEOUT, round(RESULT_WAIT_MARGIN * n_sites * model_bits / (link_mbit * 1e6)))
+
+
 EXPORT_DIR = "/tmp/nvflare/jobs/job_config"
 DEFAULT_RANKS = 2  # a site's ranks where no GPU of this machine limits them
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -152,6 +164,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="weights travel between server and sites quantized, both ways: float16 or bfloat16 (half of float32's "
         "bytes), or blockwise8 (int8 in blocks of 256 values with a float32 scale each: about a quarter); integer "
         "tensors travel exactly. Needs --exchange_format pytorch. Left out: full precision",
+    )
+    p.add_argument(
+        "--link_mbit",
+        type=positive_float,
+        default=DEFAULT_LINK_MBIT,
+        help="the server's link to the sites, in Mbit/s each way (shared by all sites): how long a site waits while "
+        "the server takes its result follows from it and the model's size. Slower than this, a large model's "
+        "results may not arrive in time, and the run's last line says so",
     )
     add_training_flags(p)
     p.add_argument(
@@ -269,9 +289,10 @@ class QuickFedAvgRecipe(FedAvgRecipe):
 def build_recipe(args: argparse.Namespace, gpu_blocks: list[list[str]] | None = None):
     """The job. gpu_blocks: each site's GPUs on this machine, for a local run; None leaves them to each site."""
     sites = site_names(args.n_clients)
+    model = initial_model(args.seed)
     recipe = QuickFedAvgRecipe(
         name=JOB_NAME,
-        model=initial_model(args.seed),
+        model=model,
         min_clients=len(sites),  # NVFlare's FedAvg samples this many sites a round: all of them
         tolerate_down_to=args.min_clients,
         # A relative path: the recipe copies the file into the job, so the job does not depend on it staying put.
@@ -314,7 +335,7 @@ def build_recipe(args: argparse.Namespace, gpu_blocks: list[list[str]] | None = 
         # default grace of 60 s (the same as FedJob's fail_fast).
         "dead_client_grace_period": 0.0,
     })  # fmt: skip
-    recipe.add_client_config(TRANSFER_TIMEOUTS)
+    recipe.add_client_config({"submit_task_result_timeout": result_timeout(model, len(sites), args.link_mbit)})
     for module in TRAINER_FILES:
         recipe.add_client_file(os.path.join(HERE, module))
     # The server's average, the names it shares with sites, and the filters.

@@ -34,6 +34,9 @@ NVFLARE_DOWNLOAD_FAILED = re.compile(
 # The sender of a download (the server for a task's weights), when it offers one and when that download ends.
 NVFLARE_TX_OFFERED = r"set transaction info: tx_id='([^']+)', ref_id='{ref}'"
 NVFLARE_TX_DONE = r"download tx {tx} done: status=\w+ elapsed=([\d.]+)s size=[^(]*\(([\d,]+) bytes\)"
+# A site's client, each time its wait for the server to take its result (submit_task_result_timeout) ran out: the
+# server fetches the result's tensors before it answers. NVFlare then sends the result again.
+NVFLARE_RESULT_WAIT_ENDED = "failed to send task result: timeout"
 # flare_ddp on rank 0, as it hands a result to NVFlare: "flare_ddp: train task of round 0: sent 10 tensors, 9 bytes".
 FLARE_DDP_SENT = r"flare_ddp: \w+ task of round \d+: sent \d+ tensors, ([\d,]+) bytes"
 # torch 2.14 ends the exitcode line with "(SIGKILL)", torch 2.11 does not: the signal is named here instead.
@@ -230,8 +233,8 @@ def diagnose(workspace: str, site: str, server_log: str | None = None) -> str | 
 
 
 def transfer_failed(site: str, site_log: str, server_log: str) -> str | None:
-    """A transfer between `site` and the server that NVFlare gave up on, from both logs: its direction, and the
-    bytes and seconds the logs tell of it."""
+    """A transfer between `site` and the server that NVFlare gave up on, or a result the server did not take within
+    the site's wait, from both logs: its direction, and the bytes and seconds the logs tell of it."""
     hint = "(a slow link? docs/performance.md, Slow links)"
     down = next(gave_up(site_log), None)
     if down:  # the trainer downloads the task's weights from the server
@@ -240,17 +243,23 @@ def transfer_failed(site: str, site_log: str, server_log: str) -> str | None:
         done = offered and re.search(NVFLARE_TX_DONE.format(tx=re.escape(offered.group(1))), server_log)
         moved = f"the server put out {done.group(2)} bytes in {float(done.group(1)):.1f} s, then " if done else ""
         return f"{site}: the task's weights did not arrive (server -> {site}): {moved}NVFlare gave up: {why} {hint}"
+    sent = list(re.finditer(rf"^.*?{FLARE_DDP_SENT}", site_log, re.M))
+    result = f"its result of {sent[-1].group(1)} bytes" if sent else "its result"
+    start = sent and log_time(sent[-1].group(0))
     up = next((f for f in gave_up(server_log) if f[0].split(".")[0] == site), None)
     if up:  # the server downloads a trainer's result
         _, _, why, when = up
-        sent = list(re.finditer(rf"^.*?{FLARE_DDP_SENT}", site_log, re.M))
-        if not sent:
-            return f"{site}: its result did not arrive ({site} -> server): NVFlare gave up: {why} {hint}"
-        start = log_time(sent[-1].group(0))
         spent = f" {when - start:.1f} s after the trainer sent it," if start and when else ""
+        return f"{site}: {result} did not arrive ({site} -> server):{spent} NVFlare gave up: {why} {hint}"
+    waits = re.findall(rf"^.*{NVFLARE_RESULT_WAIT_ENDED}$", site_log, re.M)
+    if waits:  # the server was still taking the result each time the site's wait for it ran out
+        when = log_time(waits[-1])
+        times = f"{len(waits)} time{'s' * (len(waits) > 1)}"
+        spent = f" in {when - start:.1f} s after the trainer sent it" if start and when else ""
         return (
-            f"{site}: its result of {sent[-1].group(1)} bytes did not arrive ({site} -> server):{spent} NVFlare gave "
-            f"up: {why} {hint}"
+            f"{site}: {result} did not reach the server in time ({site} -> server): the site's wait for the server to "
+            f"take it (submit_task_result_timeout) ran out {times}{spent} (a link slower than job.py's --link_mbit? "
+            "docs/performance.md, Slow links)"
         )
     return None
 

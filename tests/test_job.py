@@ -240,12 +240,23 @@ def test_empty_data_root_fails_fast_naming_prepare_data(tmp_path, monkeypatch, c
     assert code == 2 and "prepare_data.sh" in err and "Traceback" not in err
 
 
+def test_a_sites_wait_for_the_server_to_take_its_result_grows_with_the_model_the_sites_and_a_slower_link():
+    import job
+
+    with torch.device("meta"):  # 805 MB of float32 weights, none allocated
+        model = torch.nn.Sequential(*[torch.nn.Linear(4096, 4096, bias=False) for _ in range(12)])
+    # Two sites' results, 1,611 MB, take 1,288 s at 10 Mbit/s: twice that.
+    assert job.result_timeout(model, 2, 10) == 2577
+    assert job.result_timeout(model, 4, 10) == 5154
+    assert job.result_timeout(model, 2, 100) == 300  # 258 s: NVFlare's own default is longer
+
+
 def test_export_config_writes_one_app_per_site_with_its_rank_count_and_no_fixed_port(tmp_path, monkeypatch, capsys):
     import job
 
     monkeypatch.setattr(job, "EXPORT_DIR", str(tmp_path))  # not the user's /tmp/nvflare/jobs/job_config
     # GPUs visible to job.py: a local run would pin them, the job for a real system must not.
-    code, out, err = job_main(monkeypatch, capsys, "--export_config", "--nproc_per_node", "3,2",
+    code, out, err = job_main(monkeypatch, capsys, "--export_config", "--nproc_per_node", "3,2", "--link_mbit", "0.01",
                               CUDA_VISIBLE_DEVICES="0,1,2,3,4")  # fmt: skip
     assert code == 0, err[-3000:]
     job_dir = os.path.join(tmp_path, JOB_NAME)
@@ -260,7 +271,8 @@ def test_export_config_writes_one_app_per_site_with_its_rank_count_and_no_fixed_
         with open(config[0]) as f:
             client_config = json.load(f)
         command = client_config["executors"][0]["executor"]["args"]["command"]
-        assert {name: client_config[name] for name in job.TRANSFER_TIMEOUTS} == job.TRANSFER_TIMEOUTS
+        # Each site waits for the server to take its result as long as both sites' results take over the link given.
+        assert client_config["submit_task_result_timeout"] == job.result_timeout(Net(seed=0), 2, 0.01) > 300
         assert (
             command[:4] == ["python3", "-u", "-m", "torch.distributed.run"] and f"--nproc_per_node={ranks}" in command
         )

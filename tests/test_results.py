@@ -233,3 +233,28 @@ def test_a_download_nvflare_aborted_as_the_job_ended_blames_no_site(tmp_path):
         "then NVFlare gave up: error requesting data from server.simulate_job after 0.0 secs: timeout (a slow link? "
         "docs/performance.md, Slow links)"
     )
+
+
+def test_a_result_the_server_did_not_take_within_the_sites_wait_is_named_with_its_bytes_and_time(tmp_path):
+    # As in a real run over a shaped link with a 10 s wait: the site sent its result again each time its wait ran out.
+    timed_out = (
+        "2026-12-04 08:48:{s},153 - SimulatorClientRunManager - ERROR - failed to send task result: timeout\n"
+        "2026-12-04 08:48:{s},154 - ClientRunner - ERROR - [identity=site-1, run=simulate_job, peer=simulator_server, "
+        "peer_run=simulate_job, task_name=train] - failed to send task result to server - will try again\n"
+    )
+    write_log(
+        tmp_path,
+        "site-1",
+        "2026-12-04 08:47:59,653 - ExternalProcessBackend - INFO - flare_ddp: train task of round 0: sent 1 tensors, "
+        "16,777,216 bytes\n" + timed_out.format(s=30) + timed_out.format(s=50),
+    )
+    server_log = tmp_path / "server.txt"
+    server_log.write_text(
+        "2026-12-04 08:51:16,777 - Adapter - CRITICAL - failed to decode streamed submit_update in server job cell "
+        "server.simulate_job; exiting job process to fail the job: TypeError: object of type 'NoneType' has no len()\n"
+    )
+    assert diagnose(str(tmp_path), "site-1", str(server_log)) == (
+        "site-1: its result of 16,777,216 bytes did not reach the server in time (site-1 -> server): the site's wait "
+        "for the server to take it (submit_task_result_timeout) ran out 2 times in 50.5 s after the trainer sent it "
+        "(a link slower than job.py's --link_mbit? docs/performance.md, Slow links)"
+    )
