@@ -8,8 +8,9 @@ the acknowledgements are late: chunks go again and again, taking the link from t
 download fails ("Received duplicate chunk 0", "retry failed after 60 s"), in NVFlare's stock job too.
 
 With the settings below no more than WINDOW bytes are on their way at once, each chunk is acknowledged as it arrives,
-and a chunk goes again only after RETRY_WAIT: so a site whose share of the server's link is at least
-WINDOW / RETRY_WAIT (0.14 Mbit/s) sends nothing twice, and a link that stops moving fails a transfer within
+and a chunk goes again only after RETRY_WAIT, as a connection closes only when a chunk has not gone into it within
+RETRY_WAIT: so a site whose share of the server's link is at least WINDOW / RETRY_WAIT (0.14 Mbit/s) sends nothing
+twice, and a link that stops moving fails a transfer within
 RETRY_WAIT + RETRY_TIMEOUT (7 minutes; by design, not yet seen in a run). With flare_ddp's pieces of 8 MiB, one
 request of NVFlare's download moves at most 8 MiB, within its 600 s timeouts at that rate.
 
@@ -17,7 +18,9 @@ NVFlare reads these from the process's comm_config.json or its NVFLARE_<NAME> en
 and keeps what it has read. This component, built in the server's job process and in each site's, sets the
 environment variables there, and replaces what the process has read already (NVFlare's defaults: a server's job
 process was seen to stream before it built the job's components); a setting that the system gives in the
-environment or in comm_config.json stays as it is."""
+environment or in comm_config.json stays as it is. The send timeout is read as each connection is made: a connection
+made before this component (a site's first one to the server; on a real system, those of the server's and each
+site's parent process, which carry the job's streams) keeps the system's own (docs/performance.md, Slow links)."""
 
 import os
 
@@ -36,6 +39,10 @@ SETTINGS = {
     "streaming_retry_timeout": RETRY_TIMEOUT,
     # A stream that waits on a full window fails when no acknowledgement came for this long (NVFlare: 60 s).
     "streaming_ack_progress_timeout": RETRY_WAIT + RETRY_TIMEOUT,
+    # How long one frame (a chunk) may take to go into a connection's socket before NVFlare closes the connection,
+    # failing every stream on it (NVFlare: 30 s; read as each connection is made). A chunk behind a window's worth
+    # of bytes waits for them to cross: at 0.3 Mbit/s, a site's share of a 0.6 Mbit/s link, more than 30 s.
+    "streaming_send_timeout": RETRY_WAIT,
 }
 
 

@@ -347,6 +347,7 @@ def measure(
             else:
                 command = [sys.executable, "job.py", "--num_rounds", str(rounds), "--workspace", workspace,
                            "--nproc_per_node", str(ranks), "--data_root", tmp, *VARIANTS[job][0]]  # fmt: skip
+                command += ["--link_mbit", str(link_mbit)] if link_mbit else []  # as its user would
                 server_log, trainer = os.path.join(workspace, "pt_ddp_fedavg", "server", "log.txt"), "big_trainer.py"
             under = [*UNSHARE, "--net", sys.executable, SLOW_LINK, str(link_mbit), server_log] if link_mbit else prefix
             # Over a slow link a job may fail (NVFlare's stock job does): that is a result, and its logs are kept.

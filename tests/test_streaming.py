@@ -16,7 +16,7 @@ from nvflare.fuel.f3.comm_config import CommConfigurator
 from streaming import SlowLinkStreaming
 c = CommConfigurator()
 if sys.argv[1] == "read first":  # as a server's job process that streamed before it built the job's components
-    c.get_streaming_window_size(-1), c.get_streaming_retry_wait(-1)
+    c.get_streaming_window_size(-1), c.get_streaming_retry_wait(-1), c.get_streaming_send_timeout(30.0)
 SlowLinkStreaming()
 print(json.dumps({
     "streaming_window_size": c.get_streaming_window_size(-1),
@@ -24,6 +24,7 @@ print(json.dumps({
     "streaming_retry_wait": c.get_streaming_retry_wait(-1),
     "streaming_retry_timeout": c.get_streaming_retry_timeout(-1),
     "streaming_ack_progress_timeout": c.get_streaming_ack_progress_timeout(-1),
+    "streaming_send_timeout": c.get_streaming_send_timeout(-1),
 }))
 """
 
