@@ -142,7 +142,7 @@ def test_a_tensor_that_takes_minutes_to_reach_each_site_arrives_where_the_stock_
         )  # fmt: skip
     try:
         ours, logs = runs["this"]
-        out, err = ours.communicate(timeout=900)
+        out, err = ours.communicate(timeout=600)
         stock, stock_logs = runs["stock"]
         stock_ended = stock.poll()
         left = processes_left(str(tmp_path / "this"))  # this job's folder and workspace; not the stock job's
@@ -162,7 +162,9 @@ def test_a_tensor_that_takes_minutes_to_reach_each_site_arrives_where_the_stock_
         log = os.path.join(logs, site, "log.txt")
         received = f"train task of round 0: received 3 tensors, {BACKBONE + WIDTH * 4 * 4 + 4 * 4:,} bytes"
         (arrived,) = log_times(log, received)
-        assert arrived - sent > 150, site  # minutes over the link: 224 s for both sites at the link's full rate
+        # Minutes over the link (224 s for both sites at its full rate), and not a stream lost and waited for: the
+        # backbone arrived after 188-265 s in 3 runs, one beside 2 runs of the quick tier.
+        assert 150 < arrived - sent < 450, site
         with open(log) as f:
             text = f.read()
         # The final evaluation's task: the head alone, the backbone kept from the first.
