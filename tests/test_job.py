@@ -306,6 +306,7 @@ def test_nvflare_export_flag_still_works(tmp_path):
         ["--master_port", "80"],
         ["--seed", "-1"],
         ["--quantize_mode", "int4"],
+        ["--link_mbit", "0"],
     ],
 )
 def test_bad_arguments_get_a_one_line_usage_error(bad, monkeypatch, capsys):
