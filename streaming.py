@@ -8,7 +8,7 @@ the acknowledgements are late: chunks go again and again, taking the link from t
 download fails ("Received duplicate chunk 0", "retry failed after 60 s"), in NVFlare's stock job too.
 
 With the settings below no more than WINDOW bytes are on their way at once, each chunk is acknowledged as it arrives,
-and a chunk goes again only after RETRY_WAIT, as a connection closes only when a chunk has not gone into it within
+a chunk goes again only after RETRY_WAIT, and a connection is closed only when a chunk could not go into it within
 RETRY_WAIT: so a site whose share of the server's link is at least WINDOW / RETRY_WAIT (0.14 Mbit/s) sends nothing
 twice, and a link that stops moving fails a transfer within
 RETRY_WAIT + RETRY_TIMEOUT (7 minutes; by design, not yet seen in a run). With flare_ddp's pieces of 8 MiB, one
@@ -19,8 +19,8 @@ and keeps what it has read. This component, built in the server's job process an
 environment variables there, and replaces what the process has read already (NVFlare's defaults: a server's job
 process was seen to stream before it built the job's components); a setting that the system gives in the
 environment or in comm_config.json stays as it is. The send timeout is read as each connection is made: a connection
-made before this component (a site's first one to the server; on a real system, those of the server's and each
-site's parent process, which carry the job's streams) keeps the system's own (docs/performance.md, Slow links)."""
+made before this component (a site's first one to the server; on a real system, those the system made before the
+job) keeps the system's own (docs/performance.md, Slow links)."""
 
 import os
 

@@ -18,12 +18,13 @@ from local_run.results import NVFLARE_MODEL_SAVED, NVFLARE_TASK_SENT, log_times
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import model_size  # noqa: E402
 
+SLOW_LINK = model_size.SLOW_LINK  # benchmarks/slow_link.py
+
 pytestmark = pytest.mark.skipif(
     not ISOLATED, reason="shapes loopback in a network namespace of its own: needs root or unprivileged user namespaces"
 )
 
 MBIT = 16
-SLOW_LINK = os.path.join(ROOT, "benchmarks", "slow_link.py")
 # A server that logs its listener as NVFlare's does, and a second listener it does not log; a client that takes
 # DOWN bytes from the first and sends it UP bytes, then takes OTHER bytes from the second. Prints each one's seconds.
 PEERS = """
