@@ -36,6 +36,7 @@ from server_fedavg import (
     Join,
     LiveSitesEvaluation,
     MergingFedAvg,
+    OneCopyEvaluation,
     SendOnce,
     TolerantFedAvg,
 )
@@ -368,10 +369,11 @@ def build_recipe(args: argparse.Namespace, gpu_blocks: list[list[str]] | None = 
         add_cross_site_evaluation(recipe)
     else:  # after the last round, every site scores the final global model, which no round has evaluated
         add_final_global_evaluation(recipe)
-    if args.min_clients < args.n_clients:  # ... every site that is left
-        for workflow in recipe._job._deploy_map["server"].app_config.workflows:  # as NVFlare's recipe utils do
-            if type(workflow.controller) is CrossSiteModelEval:
-                workflow.controller.__class__ = LiveSitesEvaluation
+    # ... holding one copy of each model it sends, and with --min_clients, on every site that is left
+    evaluation = LiveSitesEvaluation if args.min_clients < args.n_clients else OneCopyEvaluation
+    for workflow in recipe._job._deploy_map["server"].app_config.workflows:  # as NVFlare's recipe utils do
+        if type(workflow.controller) is CrossSiteModelEval:
+            workflow.controller.__class__ = evaluation
     return recipe
 
 

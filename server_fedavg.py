@@ -5,6 +5,7 @@ filters that send each site only the tensors it lacks, and large tensors in piec
 
 import hashlib
 import math
+import os
 import weakref
 
 import numpy as np
@@ -14,6 +15,7 @@ from nvflare.apis.filter import Filter
 from nvflare.apis.fl_constant import FLMetaKey
 from nvflare.apis.shareable import ReturnCode
 from nvflare.app_common.abstract.fl_model import FLModel, ParamsType
+from nvflare.app_common.abstract.model import model_learnable_to_dxo
 from nvflare.app_common.aggregators.model_aggregator import ModelAggregator
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.workflows.base_fedavg import make_fedavg_metrics_aggregation_info
@@ -124,6 +126,10 @@ class MergingFedAvg(FedAvg):
         self._global, self._names, self._misfit = (data.params or {}), None, None
         super().send_model(task_name, data, targets, min_responses, timeout, callback)
 
+    def _prepare_task_data(self, client_task, fl_ctx):
+        super()._prepare_task_data(client_task, fl_ctx)
+        share_with_every_site(client_task.task)
+
     def _aggregate_one_result(self, result: FLModel) -> bool:
         self._misfit = self._misfit or self._misfit_of(result)
         return False if self._misfit else super()._aggregate_one_result(result)
@@ -211,9 +217,49 @@ class TolerantFedAvg(MergingFedAvg):
         return super()._get_aggregated_result()
 
 
-class LiveSitesEvaluation(CrossSiteModelEval):
-    """NVFlare's final evaluation of the global model, on every site but those TolerantFedAvg dropped: a dropped
-    site's trainer is gone, and its failed `validate` task would only add errors to a run that succeeded."""
+def share_with_every_site(task) -> None:
+    """Send every site `task`'s own data. NVFlare 2.9 deep-copies a broadcast task's data before its first site gets
+    it, in case something changes the data while the task is out: a whole model's worth of memory and time a round,
+    and new tensor objects every round, which SendOnce must hash again. Here nothing changes a task's tensors in
+    place: the global model's tensors are replaced by new ones each round, and the filters build new dicts and
+    tensors. NVFlare keeps the copy in a private attribute, which it makes only where the task has none."""
+    task._broadcast_data = task.data
+
+
+class OneCopyEvaluation(CrossSiteModelEval):
+    """NVFlare's final evaluation, holding one copy of each model it sends. NVFlare 2.9 loads each of the server's
+    models, writes it to a file of its own, then reads that file again for each site's task and deep-copies the
+    first. Here the last global model is the one the persistor still holds (what it saved last), another server model
+    is read from the persistor's file when its task goes to its first site, and that one copy goes to every site
+    (share_with_every_site); a site's model (--cross_site_eval) is read once too."""
+
+    def _locate_server_models(self, fl_ctx):
+        self._located = {"SRV_" + name: name for name in self._model_locator.get_model_names(fl_ctx)}  # NVFlare's
+        self._server_models.update(dict.fromkeys(self._located))  # no file of their own to remove at the end
+        self._val_results.update({name: {} for name in self._located})
+        self.log_info(fl_ctx, f"Server models located: {list(self._located)}.")
+        return True
+
+    def _before_send_validate_task_cb(self, client_task, fl_ctx):
+        self._sending = client_task.task
+        super()._before_send_validate_task_cb(client_task, fl_ctx)
+        share_with_every_site(client_task.task)
+
+    def _load_validation_content(self, name, load_dir, fl_ctx):
+        loaded = getattr(self._sending, "_broadcast_data", None)  # an earlier site's task loaded it
+        if loaded is not None:
+            return from_shareable(loaded)
+        if name not in self._located:
+            return super()._load_validation_content(name, load_dir, fl_ctx)
+        persistor = self._model_locator.model_persistor  # NVFlare's PyTorch persistor (PTFileModelLocator's)
+        if self._located[name] == os.path.basename(persistor.global_model_file_name) and persistor.persistence_manager:
+            return model_learnable_to_dxo(persistor.persistence_manager.to_model_learnable(persistor.exclude_vars))
+        return self._model_locator.locate_model(self._located[name], fl_ctx)
+
+
+class LiveSitesEvaluation(OneCopyEvaluation):
+    """The final evaluation of the global model, on every site but those TolerantFedAvg dropped: a dropped site's
+    trainer is gone, and its failed `validate` task would only add errors to a run that succeeded."""
 
     def start_controller(self, fl_ctx):
         super().start_controller(fl_ctx)
@@ -254,9 +300,9 @@ class SendOnce(Filter):
       site sent back from training (ForgetTrained, on the results) is sent again in any case: its copy has changed.
 
     A tensor's values are known by a digest (a hash of its bytes), taken once per tensor object and kept with a weak
-    reference to it, so the filter holds no tensor: the sites of one task share its digests. NVFlare 2.9 deep-copies
-    each broadcast task's data, so every round's tensors are new objects and the whole model is hashed once a round
-    (about 1 s for 768 MiB on the 2-core test machine)."""
+    reference to it, so the filter holds no tensor: the sites of one task share its digests, and a tensor that stays
+    in the global model from round to round (what no site trains) is hashed once (share_with_every_site). A model
+    the final evaluation loads from its file is hashed again (about 1 s for 768 MiB on the 2-core test machine)."""
 
     def __init__(self):
         super().__init__()
@@ -275,27 +321,30 @@ class SendOnce(Filter):
         tied = {a for a, name in self._seen.items() if {a, name} <= data.keys() and _equal(data[a], data[name])}
         sent = _SENT.setdefault((fl_ctx.get_job_id(), site), {})
         kept = [name for name in sent if name not in data or name in tied]  # the site's own copies stand in
-        new = {}
+        new, hashed = {}, 0
         for name, value in data.items():
             if name in tied:
                 continue
-            digest = self._digest(value)
+            digest, fresh = self._digest(value)
+            hashed += fresh
             if sent.get(name) == digest:
                 kept.append(name)
             else:
                 new[name], sent[name] = value, digest
+        self.log_info(fl_ctx, f"{site}: {len(new)} tensors to send, {len(kept)} kept at the site; {hashed} hashed")
         dxo.data = new
         dxo.set_meta_prop(KEPT, kept)
         return dxo.update_shareable(shareable)
 
-    def _digest(self, value) -> tuple:
-        """What tells the values of a tensor (or NumPy array) apart: its dtype, shape and a hash of its bytes. A
-        tensor's is kept while the tensor lives and is unchanged (its version counter); an array's is taken anew."""
+    def _digest(self, value) -> tuple[tuple, bool]:
+        """What tells the values of a tensor (or NumPy array) apart: its dtype, shape and a hash of its bytes; and
+        whether it was hashed now. A tensor's is kept while the tensor lives and is unchanged (its version counter);
+        an array's is taken anew."""
         if isinstance(value, np.ndarray):
-            return str(value.dtype), value.shape, _hash(np.ascontiguousarray(value).reshape(-1).view(np.uint8))
+            return (str(value.dtype), value.shape, _hash(np.ascontiguousarray(value).reshape(-1).view(np.uint8))), True
         known = self._digests.get(id(value))
         if known and known[0]() is value and known[1] == value._version:
-            return known[2]
+            return known[2], False
         raw = value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()
         digest, key = (str(value.dtype), tuple(value.shape), _hash(raw)), id(value)
 
@@ -304,7 +353,7 @@ class SendOnce(Filter):
                 del self._digests[key]
 
         self._digests[key] = (weakref.ref(value, forget), value._version, digest)
-        return digest
+        return digest, True
 
 
 class Cut(Filter):

@@ -184,6 +184,17 @@ def test_the_doc_fine_tunes_part_of_a_model_and_only_that_part_travels_after_rou
         assert len(sizes) == 3 and all(
             int(n) == 6 and int(b.replace(",", "")) > int(a.replace(",", "")) for n, b, a in sizes
         )
+    # The server hashes a tensor once while it lives, for both sites: the whole model (11 tensors) in round 0, then
+    # only the round's new average (the 7 trained). A copy of the global model a round (NVFlare's broadcast copy)
+    # would be hashed whole; the final evaluation's last global model is the one the server holds (7 new tensors),
+    # the best one comes from its file (11).
+    with open(os.path.join(workspace, JOB_NAME, "server", "log.txt")) as f:
+        found = re.findall(
+            r"task_name=(\w+),.* - site-\d: \d+ tensors to send, \d+ kept at the site; (\d+) hashed", f.read()
+        )
+    train = [int(n) for task, n in found if task == "train"]
+    assert [a + b for a, b in zip(train[::2], train[1::2])] == [11, 7, 7], found
+    assert sum(int(n) for task, n in found if task == "validate") == 7 + 11, found
     assert processes_of(workspace) == []
 
 
