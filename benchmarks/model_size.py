@@ -164,7 +164,9 @@ while flare.is_running():
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     del optimizer
-    flare.send(flare.FLModel(params=model.state_dict(), meta={FLMetaKey.NUM_STEPS_CURRENT_ROUND: 8}))
+    # The metric this job's trainer sends too: NVFlare's model selector then saves a best model on both servers.
+    metrics = {"accuracy": 0.0}
+    flare.send(flare.FLModel(params=model.state_dict(), metrics=metrics, meta={FLMetaKey.NUM_STEPS_CURRENT_ROUND: 8}))
 """
 
 
