@@ -1,18 +1,21 @@
 """benchmarks/slow_link.py, the shaping behind `model_size.py --link_mbit`: what goes to and from the port the server's
 log names crosses a link of the rate given, each way, and other loopback traffic keeps its speed. Through it, a real
-run whose one large tensor takes minutes to reach each site, with NVFlare's stock job beside it under the same link;
-the long variants, at several rates and model sizes, are the benchmark's (docs/performance.md, Slow links)."""
+run whose one large tensor takes minutes to reach each site, with NVFlare's stock job beside it under the same link,
+and the same run exported to a POC; the long variants, at several rates and model sizes, are the benchmark's
+(docs/performance.md, Slow links)."""
 
+import glob
 import json
 import os
 import re
+import runpy
 import subprocess
 import sys
 
 import pytest
 
-from conftest import ISOLATED, ROOT, UNSHARE, kill, processes_left, processes_of, venv_env
-from job import JOB_NAME
+from conftest import ISOLATED, POC_PROJECT, ROOT, UNSHARE, kill, own_poc, processes_left, processes_of, venv_env
+from job import JOB_NAME, result_timeout
 from local_run.results import NVFLARE_MODEL_SAVED, NVFLARE_TASK_SENT, log_times
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
@@ -176,3 +179,50 @@ def test_a_tensor_that_takes_minutes_to_reach_each_site_arrives_where_the_stock_
     assert stock_ended is None
     with open(os.path.join(stock_logs, "server", "log.txt")) as f:
         assert NVFLARE_MODEL_SAVED not in f.read()
+
+
+@pytest.mark.e2e
+def test_the_exported_job_carries_its_slow_link_settings_to_a_poc(tmp_path):
+    # job.py --env poc: the job exported and submitted to a real system, a POC of its own, whose server's port is
+    # shaped as above. What the simulator run shows must hold there too, from the job's config alone.
+    folder, workspace = str(tmp_path / "this"), str(tmp_path / "ws")
+    fine_tune_project(folder)
+    server_log = os.path.join(str(tmp_path), "poc", POC_PROJECT, "server", "log.txt")  # the POC's server, not the job's
+    shaped = [*UNSHARE, "--net", sys.executable, SLOW_LINK, str(LINK_MBIT), server_log]
+    command = ["job.py", "--env", "poc", "--num_rounds", "1", "--nproc_per_node", "1", "--data_root", str(tmp_path),
+               "--workspace", workspace, "--link_mbit", str(LINK_MBIT)]  # fmt: skip
+    with open(tmp_path / "this.out", "w") as output:
+        try:
+            result = subprocess.run([*shaped, sys.executable, *command], cwd=folder, env=venv_env(**own_poc(tmp_path)),
+                                    stdout=output, stderr=subprocess.STDOUT, timeout=600)  # fmt: skip
+        finally:
+            left = processes_left(str(tmp_path))
+            kill(processes_of(str(tmp_path)))
+    out = (tmp_path / "this.out").read_text()
+    assert result.returncode == 0, out[-3000:]
+    crossed = re.search(r"slow link: 0.6 Mbit/s each way on port \d+: ([\d,]+) bytes down", out)
+    assert crossed, out[-3000:]
+    assert 2 * BACKBONE < int(crossed.group(1).replace(",", "")) < 2.5 * BACKBONE  # the backbone once to each site
+    (job,) = glob.glob(os.path.join(workspace, JOB_NAME, "*", "workspace"))  # the server's folder, kept from the POC
+    kept = os.path.dirname(job)
+    # The wait for the server to take a result, as job.py worked it out from the model and --link_mbit, is in each
+    # site's config of the job that ran.
+    model = runpy.run_path(os.path.join(folder, "big_model.py"))["Big"]()
+    expected = result_timeout(model, 2, LINK_MBIT)
+    assert expected > 300  # above NVFlare's default, or the check below would not tell
+    for site in ("site-1", "site-2"):
+        (config,) = glob.glob(os.path.join(kept, site, "app_" + site, "config", "config_fed_client.json"))
+        with open(config) as f:
+            assert json.load(f)["submit_task_result_timeout"] == expected
+    sent = log_times(os.path.join(job, "log.txt"), NVFLARE_TASK_SENT)[0]
+    for site in ("site-1", "site-2"):
+        log = os.path.join(kept, site, "log.txt")
+        received = f"train task of round 0: received 3 tensors, {BACKBONE + WIDTH * 4 * 4 + 4 * 4:,} bytes"
+        (arrived,) = log_times(log, received)
+        assert 150 < arrived - sent < 450, site  # 245 s alone; a lost stream waits 600 s
+        with open(log) as f:
+            text = f.read()
+        assert re.search(r"validate task of round 0: received 2 tensors, [\d,]+ bytes, 1 kept from", text)
+        assert "Received duplicate chunk" not in text
+    assert not os.path.exists(os.path.join(str(tmp_path), "poc"))  # job.py's POC is gone
+    assert left == []
