@@ -27,6 +27,8 @@ from quantize import weights_of
 
 # What TolerantFedAvg leaves for the final evaluation: the names of the sites that dropped out.
 DROPPED_SITES = "ddp_example_dropped_sites"
+# The evaluation task a request is being given (OneCopyEvaluation).
+SENDING = "ddp_example_validate_task"
 
 
 class DtypeKeepingAggregator(ModelAggregator):
@@ -233,6 +235,10 @@ class OneCopyEvaluation(CrossSiteModelEval):
     is read from the persistor's file when its task goes to its first site, and that one copy goes to every site
     (share_with_every_site); a site's model (--cross_site_eval) is read once too."""
 
+    def start_controller(self, fl_ctx):
+        super().start_controller(fl_ctx)
+        self._located = {}  # a server model's name in the evaluation: its name in the persistor's inventory
+
     def _locate_server_models(self, fl_ctx):
         self._located = {"SRV_" + name: name for name in self._model_locator.get_model_names(fl_ctx)}  # NVFlare's
         self._server_models.update(dict.fromkeys(self._located))  # no file of their own to remove at the end
@@ -241,12 +247,14 @@ class OneCopyEvaluation(CrossSiteModelEval):
         return True
 
     def _before_send_validate_task_cb(self, client_task, fl_ctx):
-        self._sending = client_task.task
+        # The task, for _load_validation_content: in the request's own context, since the tasks of two models can be
+        # on their way to two sites at once, each under a lock of its own.
+        fl_ctx.set_prop(SENDING, client_task.task, private=True, sticky=False)
         super()._before_send_validate_task_cb(client_task, fl_ctx)
         share_with_every_site(client_task.task)
 
     def _load_validation_content(self, name, load_dir, fl_ctx):
-        loaded = getattr(self._sending, "_broadcast_data", None)  # an earlier site's task loaded it
+        loaded = getattr(fl_ctx.get_prop(SENDING), "_broadcast_data", None)  # an earlier site's task loaded it
         if loaded is not None:
             return from_shareable(loaded)
         if name not in self._located:

@@ -5,15 +5,25 @@ import os
 import numpy as np
 import pytest
 import torch
-from nvflare.apis.dxo import from_shareable
+from nvflare.apis.client import Client
+from nvflare.apis.controller_spec import ClientTask, Task
+from nvflare.apis.dxo import DXO, DataKind, from_shareable
 from nvflare.apis.fl_constant import FLMetaKey, ReservedKey
 from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable
 from nvflare.app_common.abstract.fl_model import FLModel
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
 from flare_ddp import KEPT, TIED
-from server_fedavg import DtypeKeepingAggregator, ForgetTrained, MergingFedAvg, SendOnce
+from server_fedavg import (
+    DtypeKeepingAggregator,
+    ForgetTrained,
+    MergingFedAvg,
+    OneCopyEvaluation,
+    SendOnce,
+    share_with_every_site,
+)
 
 
 def result(params, weight, site="site-1", metrics=None):
@@ -190,3 +200,27 @@ def test_partial_results_must_fit_the_global_model_and_each_other():
     assert controller._misfit_of(result({"head.weight": torch.ones(3, 4)}, 1, "site-2")) == (
         "site-1's result holds 'embed.weight' and site-2's does not: every site must send the same part of the model"
     )
+
+
+def test_each_evaluation_task_gets_its_own_model_when_two_are_given_out_at_once():
+    # The final evaluation's tasks of two models can be given to two sites at once, each under a lock of its own.
+    # Forced here: the second request's task is prepared while the first one's model is being found.
+    def task(value: float) -> Task:
+        t = Task(name="validate", data=Shareable(), props={AppConstants.MODEL_OWNER: f"SRV_{value}"})
+        t.data = DXO(DataKind.WEIGHTS, {"w": torch.full((2,), value)}).to_shareable()
+        share_with_every_site(t)  # as NVFlare's broadcast does for its first site: here, the model it loaded
+        return t
+
+    first, second = task(1.0), task(2.0)
+
+    class Interleaved(OneCopyEvaluation):
+        def _load_validation_content(self, name, load_dir, fl_ctx):
+            if name == "SRV_1.0":  # the first request, paused: the second is given its task meanwhile
+                self._before_send_validate_task_cb(ClientTask(client=Client("site-1", None), task=second), FLContext())
+            return super()._load_validation_content(name, load_dir, fl_ctx)
+
+    evaluation = Interleaved()
+    evaluation._located = {}
+    evaluation._before_send_validate_task_cb(ClientTask(client=Client("site-2", None), task=first), FLContext())
+    assert from_shareable(first.data).data["w"].tolist() == [1.0, 1.0]
+    assert from_shareable(second.data).data["w"].tolist() == [2.0, 2.0]
