@@ -1,7 +1,8 @@
 """The server's side: NVFlare's FedAvg, with every tensor kept in its dtype and results that may hold only part of the
 model; for `--min_clients K` below the number of sites, FedAvg that goes on without a site whose training failed, as
-long as at least K sites send a result in every round, and a final evaluation on the sites that are left; and the
-filters that send each site only the tensors it lacks, and large tensors in pieces."""
+long as at least K sites send a result in every round, and a final evaluation on the sites that are left; one copy of
+a model for all sites, in the rounds and in the final evaluation; and the filters that send each site only the
+tensors it lacks, and large tensors in pieces."""
 
 import hashlib
 import math
@@ -223,8 +224,10 @@ def share_with_every_site(task) -> None:
     """Send every site `task`'s own data. NVFlare 2.9 deep-copies a broadcast task's data before its first site gets
     it, in case something changes the data while the task is out: a whole model's worth of memory and time a round,
     and new tensor objects every round, which SendOnce must hash again. Here nothing changes a task's tensors in
-    place: the global model's tensors are replaced by new ones each round, and the filters build new dicts and
-    tensors. NVFlare keeps the copy in a private attribute, which it makes only where the task has none."""
+    place: each round's average is new tensors that replace the global model's (NVFlare's update of the global
+    model adds a difference into a new tensor too), and the filters only read them, building new dicts and, where
+    values change, new tensors. NVFlare keeps the copy in a private attribute, which it makes only where the task
+    has none."""
     task._broadcast_data = task.data
 
 
