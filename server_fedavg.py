@@ -22,6 +22,7 @@ from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.workflows.base_fedavg import make_fedavg_metrics_aggregation_info
 from nvflare.app_common.workflows.cross_site_model_eval import CrossSiteModelEval
 from nvflare.app_common.workflows.fedavg import FedAvg
+from nvflare.app_opt.pt.model_persistence_format_manager import PTModelPersistenceFormatManager
 
 from flare_ddp import KEPT, PIECES, TIED, cut, join, tied_names
 from quantize import weights_of
@@ -263,9 +264,15 @@ class OneCopyEvaluation(CrossSiteModelEval):
         if name not in self._located:
             return super()._load_validation_content(name, load_dir, fl_ctx)
         persistor = self._model_locator.model_persistor  # NVFlare's PyTorch persistor (PTFileModelLocator's)
-        if self._located[name] == os.path.basename(persistor.global_model_file_name) and persistor.persistence_manager:
-            return model_learnable_to_dxo(persistor.persistence_manager.to_model_learnable(persistor.exclude_vars))
-        return self._model_locator.locate_model(self._located[name], fl_ctx)
+        saved = persistor.persistence_manager
+        if self._located[name] != os.path.basename(persistor.global_model_file_name) or not saved:
+            return self._model_locator.locate_model(self._located[name], fl_ctx)
+        # What the persistor saved last, as its file would load (its own loading, less the file): tensors that
+        # NVFlare turns into NumPy arrays in the NumPy exchange format, as they are in the PyTorch one.
+        held = PTModelPersistenceFormatManager(
+            saved.to_persistence_dict(), persistor.default_train_conf, persistor._allow_numpy_conversion
+        )
+        return model_learnable_to_dxo(held.to_model_learnable(persistor.exclude_vars))
 
 
 class LiveSitesEvaluation(OneCopyEvaluation):

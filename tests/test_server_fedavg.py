@@ -12,8 +12,12 @@ from nvflare.apis.fl_constant import FLMetaKey, ReservedKey
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 from nvflare.app_common.abstract.fl_model import FLModel
+from nvflare.app_common.abstract.model import make_model_learnable
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.utils.fl_model_utils import FLModelUtils
+from nvflare.app_opt.pt.file_model_locator import PTFileModelLocator
+from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
+from nvflare.app_opt.pt.model_persistence_format_manager import PTModelPersistenceFormatManager
 
 from flare_ddp import KEPT, TIED
 from server_fedavg import (
@@ -224,3 +228,31 @@ def test_each_evaluation_task_gets_its_own_model_when_two_are_given_out_at_once(
     evaluation._before_send_validate_task_cb(ClientTask(client=Client("site-2", None), task=first), FLContext())
     assert from_shareable(first.data).data["w"].tolist() == [1.0, 1.0]
     assert from_shareable(second.data).data["w"].tolist() == [2.0, 2.0]
+
+
+@pytest.mark.parametrize("numpy", [False, True])
+def test_the_final_evaluation_sends_the_last_global_model_as_its_file_holds_it(numpy, tmp_path):
+    # OneCopyEvaluation takes the last global model from NVFlare's persistor, which holds what it saved last: NumPy
+    # arrays in the NumPy exchange format (whose meta names no processed keys), tensors in the PyTorch one. What it
+    # sends must be what the persistor's file gives NVFlare's own evaluation.
+    initial = {"w": torch.zeros(3, 2), "steps": torch.tensor(4)}
+    persistor = PTFileModelPersistor(model=None)
+    persistor.log_dir = str(tmp_path)
+    persistor.persistence_manager = PTModelPersistenceFormatManager(dict(initial))
+    trained = {"w": torch.full((3, 2), 0.5), "steps": torch.tensor(5)}
+    persistor.persistence_manager.update(
+        make_model_learnable({k: v.numpy() if numpy else v for k, v in trained.items()}, {})
+    )
+    persistor.save_model_file(os.path.join(str(tmp_path), persistor.global_model_file_name))
+    locator = PTFileModelLocator(pt_persistor_id="persistor")
+    locator.model_persistor = persistor
+    evaluation = OneCopyEvaluation(model_locator_id="locator")
+    evaluation._model_locator, evaluation._located = locator, {"SRV_FL_global_model.pt": "FL_global_model.pt"}
+    fl_ctx = FLContext()
+    assert locator.get_model_names(fl_ctx) == ["FL_global_model.pt"]
+    held = evaluation._load_validation_content("SRV_FL_global_model.pt", str(tmp_path), fl_ctx).data
+    from_file = locator.locate_model("FL_global_model.pt", fl_ctx).data
+    assert held.keys() == from_file.keys() == trained.keys()
+    for name, value in trained.items():
+        assert type(held[name]) is type(from_file[name])
+        assert np.array_equal(np.asarray(held[name]), value.numpy())
