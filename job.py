@@ -67,20 +67,23 @@ def check_data(data_root: str) -> str | None:
 
 
 JOB_NAME = "pt_ddp_fedavg"  # the job's name, and its folder in every workspace
-# NVFlare's server fetches a site's result (its trainer's tensors) before it answers the site's submit request, and a
-# site whose wait for that answer runs out sends the result again: the server fetches it again, and over a slow link
-# the job failed (docs/performance.md, Slow links). So a site waits RESULT_WAIT_MARGIN times as long as every site's
-# result takes over the server's link at --link_mbit, and never less than NVFlare's own default. (A task request
-# waits on nothing large: the trainer fetches the task's tensors itself, after the answer.)
-RESULT_WAIT_MARGIN = 2.0
+# A site waits for two transfers over the server's link, each bounded by transfer_timeout: the task's weights (its
+# trainer downloads them before it takes the task: task_wait_timeout, unbounded in NVFlare; a download that failed
+# more than 300 s after the task went out was never reported to the site's client, and the job hung), and the server's
+# taking its result (submit_task_result_timeout: the server fetches the result's tensors before it answers, and a site
+# whose wait runs out sends the result again, which over a slow link failed the job). Each wait is
+# TRANSFER_WAIT_MARGIN times as long as the whole model to or from every site takes at --link_mbit, and never less
+# than NVFlare's own default for the second (docs/performance.md, Slow links).
+TRANSFER_WAIT_MARGIN = 2.0
 NVFLARE_REQUEST_TIMEOUT = 300.0  # NVFlare's communication timeout, its default for submit_task_result_timeout
 DEFAULT_LINK_MBIT = 10.0
 
 
-def result_timeout(model: torch.nn.Module, n_sites: int, link_mbit: float) -> float:
-    """Seconds a site waits for the server to take its result: the whole model from every site over the link."""
+def transfer_timeout(model: torch.nn.Module, n_sites: int, link_mbit: float) -> float:
+    """Seconds a site waits for its task's weights, or for the server to take its result: the whole model to or from
+    every site over the link, twice over."""
     model_bits = 8 * sum(tensor.nbytes for tensor in model.state_dict().values())
-    return max(NVFLARE_REQUEST_TIMEOUT, round(RESULT_WAIT_MARGIN * n_sites * model_bits / (link_mbit * 1e6)))
+    return max(NVFLARE_REQUEST_TIMEOUT, round(TRANSFER_WAIT_MARGIN * n_sites * model_bits / (link_mbit * 1e6)))
 
 
 EXPORT_DIR = "/tmp/nvflare/jobs/job_config"
@@ -170,9 +173,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--link_mbit",
         type=positive_float,
         default=DEFAULT_LINK_MBIT,
-        help="the server's link to the sites, in Mbit/s each way (shared by all sites): how long a site waits while "
-        "the server takes its result follows from it and the model's size. Slower than this, a large model's "
-        "results may not arrive in time, and the run's last line says so",
+        help="the server's link to the sites, in Mbit/s each way (shared by all sites): how long a site waits for "
+        "its task's weights, and for the server to take its result, follows from it and the model's size. Slower "
+        "than this, a large model's weights may not arrive in time, and the run's last line says so",
     )
     add_training_flags(p)
     p.add_argument(
@@ -336,7 +339,11 @@ def build_recipe(args: argparse.Namespace, gpu_blocks: list[list[str]] | None = 
         # default grace of 60 s (the same as FedJob's fail_fast).
         "dead_client_grace_period": 0.0,
     })  # fmt: skip
-    recipe.add_client_config({"submit_task_result_timeout": result_timeout(model, len(sites), args.link_mbit)})
+    wait = transfer_timeout(model, len(sites), args.link_mbit)
+    recipe.add_client_config({"submit_task_result_timeout": wait})
+    for app in recipe._job._deploy_map.values():  # NVFlare's recipe has no hook for the executor's task_wait_timeout
+        for executor in getattr(app.app_config, "executors", []):
+            executor.executor._task_wait_timeout = wait
     for module in TRAINER_FILES:
         recipe.add_client_file(os.path.join(HERE, module))
     # The server's average, the names it shares with sites, and the filters.

@@ -34,6 +34,11 @@ NVFLARE_DOWNLOAD_FAILED = re.compile(
 # The sender of a download (the server for a task's weights), when it offers one and when that download ends.
 NVFLARE_TX_OFFERED = r"set transaction info: tx_id='([^']+)', ref_id='{ref}'"
 NVFLARE_TX_DONE = r"download tx {tx} done: status=\w+ elapsed=([\d.]+)s size=[^(]*\(([\d,]+) bytes\)"
+# A site's client, when its wait for its trainer to take a task ran out (task_wait_timeout: the trainer takes a task
+# once it has fetched the task's tensors from the server); the server, as it gives a site a task, whose tensors it
+# offers in a transaction right after.
+NVFLARE_TASK_WAIT_ENDED = r"TASK_READY timed out after ([\d.]+)s"
+NVFLARE_TASK_GIVEN = r"return task to client\.  client_name: (\S+)  task_name: (?!__end_run__)"
 # A site's client, each time its wait for the server to take its result (submit_task_result_timeout) ran out: the
 # server fetches the result's tensors before it answers. NVFlare then sends the result again.
 NVFLARE_RESULT_WAIT_ENDED = "failed to send task result: timeout"
@@ -240,9 +245,16 @@ def transfer_failed(site: str, site_log: str, server_log: str) -> str | None:
     if down:  # the trainer downloads the task's weights from the server
         _, ref, why, _ = down
         offered = re.search(NVFLARE_TX_OFFERED.format(ref=re.escape(ref)), server_log)
-        done = offered and re.search(NVFLARE_TX_DONE.format(tx=re.escape(offered.group(1))), server_log)
-        moved = f"the server put out {done.group(2)} bytes in {float(done.group(1)):.1f} s, then " if done else ""
+        moved = put_out(offered and offered.group(1), server_log)
         return f"{site}: the task's weights did not arrive (server -> {site}): {moved}NVFlare gave up: {why} {hint}"
+    waited = re.search(NVFLARE_TASK_WAIT_ENDED, site_log)
+    if waited:  # the trainer was still fetching them
+        moved = put_out(last_task_offered(site, server_log), server_log)
+        return (
+            f"{site}: the task's weights did not arrive (server -> {site}): {moved}the site's wait for them "
+            f"(task_wait_timeout) ran out after {float(waited.group(1)):.0f} s (a link slower than job.py's "
+            "--link_mbit? docs/performance.md, Slow links)"
+        )
     sent = list(re.finditer(rf"^.*?{FLARE_DDP_SENT}", site_log, re.M))
     result = f"its result of {sent[-1].group(1)} bytes" if sent else "its result"
     start = sent and log_time(sent[-1].group(0))
@@ -262,6 +274,27 @@ def transfer_failed(site: str, site_log: str, server_log: str) -> str | None:
             "docs/performance.md, Slow links)"
         )
     return None
+
+
+def put_out(tx: str | None, server_log: str) -> str:
+    """What the server put out for its transaction `tx` (its count, repeats included), leading a sentence, or ""."""
+    done = tx and re.search(NVFLARE_TX_DONE.format(tx=re.escape(tx)), server_log)
+    return f"the server put out {done.group(2)} bytes in {float(done.group(1)):.1f} s, then " if done else ""
+
+
+def last_task_offered(site: str, server_log: str) -> str | None:
+    """The transaction that offered the tensors of the last task the server gave `site`: the next one its log offers,
+    unless it gave another site a task before that (then which is whose, the log does not tell)."""
+    tx, giving = None, None
+    for line in server_log.splitlines():
+        given = re.search(NVFLARE_TASK_GIVEN, line)
+        offered = re.search(NVFLARE_TX_OFFERED.format(ref="[^']+"), line)
+        if given:
+            giving = given.group(1) if giving is None else ""  # "": two sites' tasks at once
+        elif offered and giving is not None:
+            tx = offered.group(1) if giving == site else tx
+            giving = None
+    return tx
 
 
 def gave_up(log: str):

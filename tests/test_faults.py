@@ -31,7 +31,7 @@ from conftest import (
     venv_env,
     wait_for_log_lines,
 )
-from job import JOB_NAME, load_global_model
+from job import DEFAULT_LINK_MBIT, JOB_NAME, load_global_model, transfer_timeout
 from local_run.results import log_times
 from model import Net
 
@@ -221,6 +221,28 @@ def test_a_transfer_nvflare_gives_up_on_ends_the_job_naming_site_direction_bytes
     assert float(seconds) >= 14  # the retries' waits: the time is the transfer's, not a request's
     if sent:  # the server's count: the task's weights at least once
         assert int(sent[0].replace(",", "")) >= int(NET_BYTES.replace(",", ""))
+    assert_kept(job.stderr, workspace, None)
+    assert processes_left(workspace) == []
+
+
+def test_a_download_that_fails_after_nvflare_forgot_the_task_ends_the_job_after_the_sites_wait(small_root, tmp_path):
+    # NVFlare 2.9's site client forgets a task it sent its trainer 300 s after it went, and the failure of a trainer's
+    # download that came later was never heard: the client waited for the trainer to take the task forever (the hang
+    # over a slow link, NVFlare's stock job's too). Forced here: the client forgets at once, and the download gives
+    # up after its retries (2 + 4 + 8 s). The site's wait for its task's weights (job.py's task_wait_timeout) ends it.
+    workspace = str(tmp_path)
+    job = run_job(
+        "--num_rounds", "1", "--epochs", "1", "--n_clients", "1", "--nproc_per_node", "1", "--data_root", small_root,
+        "--workspace", workspace, timeout=600, DDP_EXAMPLE_TRANSFER_FAILS="late_download",
+    )  # fmt: skip
+    assert job.returncode == 1, job.stderr[-3000:]
+    last = job.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(rf"ERROR: the job stopped in round 0 of 1: {GAVE_UP['download']}{SLOW_LINK_HINT}.*", last), last
+    with open(os.path.join(workspace, JOB_NAME, "site-1", "log.txt")) as f:
+        log = f.read()
+    assert "Ignored uncorrelated stream error" in log  # the trainer's failure came too late to be heard
+    wait = transfer_timeout(Net(seed=0), 1, DEFAULT_LINK_MBIT)
+    assert f"TASK_READY timed out after {wait}s" in log  # the site's wait ended it
     assert_kept(job.stderr, workspace, None)
     assert processes_left(workspace) == []
 

@@ -240,15 +240,15 @@ def test_empty_data_root_fails_fast_naming_prepare_data(tmp_path, monkeypatch, c
     assert code == 2 and "prepare_data.sh" in err and "Traceback" not in err
 
 
-def test_a_sites_wait_for_the_server_to_take_its_result_grows_with_the_model_the_sites_and_a_slower_link():
+def test_a_sites_wait_for_its_tasks_weights_and_its_result_grows_with_the_model_the_sites_and_a_slower_link():
     import job
 
     with torch.device("meta"):  # 805 MB of float32 weights, none allocated
         model = torch.nn.Sequential(*[torch.nn.Linear(4096, 4096, bias=False) for _ in range(12)])
     # Two sites' results, 1,611 MB, take 1,288 s at 10 Mbit/s: twice that.
-    assert job.result_timeout(model, 2, 10) == 2577
-    assert job.result_timeout(model, 4, 10) == 5154
-    assert job.result_timeout(model, 2, 100) == 300  # 258 s: NVFlare's own default is longer
+    assert job.transfer_timeout(model, 2, 10) == 2577
+    assert job.transfer_timeout(model, 4, 10) == 5154
+    assert job.transfer_timeout(model, 2, 100) == 300  # 258 s: NVFlare's own default is longer
 
 
 def test_export_config_writes_one_app_per_site_with_its_rank_count_and_no_fixed_port(tmp_path, monkeypatch, capsys):
@@ -270,9 +270,12 @@ def test_export_config_writes_one_app_per_site_with_its_rank_count_and_no_fixed_
         assert len(config) == 1, deploy_map
         with open(config[0]) as f:
             client_config = json.load(f)
-        command = client_config["executors"][0]["executor"]["args"]["command"]
-        # Each site waits for the server to take its result as long as both sites' results take over the link given.
-        assert client_config["submit_task_result_timeout"] == job.result_timeout(Net(seed=0), 2, 0.01) > 300
+        executor = client_config["executors"][0]["executor"]["args"]
+        command = executor["command"]
+        # Each site waits for its task's weights, and for the server to take its result, as long as both sites' take
+        # over the link given.
+        wait = job.transfer_timeout(Net(seed=0), 2, 0.01)
+        assert client_config["submit_task_result_timeout"] == executor["task_wait_timeout"] == wait > 300
         assert (
             command[:4] == ["python3", "-u", "-m", "torch.distributed.run"] and f"--nproc_per_node={ranks}" in command
         )

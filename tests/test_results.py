@@ -235,6 +235,45 @@ def test_a_download_nvflare_aborted_as_the_job_ended_blames_no_site(tmp_path):
     )
 
 
+def test_task_weights_still_on_their_way_when_the_sites_wait_ran_out_are_named_with_the_servers_bytes(tmp_path):
+    # The server's log gives each site its task, then offers the task's tensors; site-1's client stopped waiting for
+    # its trainer to take the task (job.py's task_wait_timeout) while the trainer was still fetching them.
+    task = (
+        "2026-12-04 15:20:{s},100 - GetTaskCommand - INFO - return task to client.  client_name: {site}  task_name: "
+        "train   task_id: {tx}  sharable_header_task_id: {tx}\n"
+    )
+    offer = "2026-12-04 15:20:{s},101 - TensorDownloadable - INFO - set transaction info: tx_id='{tx}', ref_id='r' x\n"
+    done = (
+        "2026-12-04 15:25:{s},500 - _Transaction - INFO - [server] download tx {tx} done: status=deleted "
+        "elapsed=301.17s size=2.9MB ({n} bytes)\n"
+    )
+    end = task.format(s=59, site="site-1", tx="").replace("task_name: train", "task_name: __end_run__")
+    server_log = tmp_path / "server.txt"
+    write_log(
+        tmp_path, "site-1", "2026-12-04 15:25:01,000 - ClientAPIExecutor - ERROR - [identity=site-1, run=simulate_job, "
+        "task_name=train] - TASK_READY timed out after 300.0s while TASK_READY was pending for task 'train'\n",
+    )  # fmt: skip
+    said = (
+        "site-1: the task's weights did not arrive (server -> site-1): {moved}the site's wait for them "
+        "(task_wait_timeout) ran out after 300 s (a link slower than job.py's --link_mbit? docs/performance.md, Slow "
+        "links)"
+    )
+    server_log.write_text(
+        task.format(s=10, site="site-2", tx="T2") + offer.format(s=10, tx="T2")
+        + task.format(s=11, site="site-1", tx="T1") + offer.format(s=11, tx="T1") + end
+        + done.format(s=20, tx="T2", n="8,000,000") + done.format(s=21, tx="T1", n="3,000,000")
+    )  # fmt: skip
+    moved = "the server put out 3,000,000 bytes in 301.2 s, then "
+    assert diagnose(str(tmp_path), "site-1", str(server_log)) == said.format(moved=moved)
+    # Both sites' tasks given before either's tensors were offered: which transaction is whose, the log does not say.
+    server_log.write_text(
+        task.format(s=10, site="site-2", tx="T2") + task.format(s=11, site="site-1", tx="T1")
+        + offer.format(s=11, tx="T2") + offer.format(s=11, tx="T1") + end
+        + done.format(s=20, tx="T2", n="8,000,000") + done.format(s=21, tx="T1", n="3,000,000")
+    )  # fmt: skip
+    assert diagnose(str(tmp_path), "site-1", str(server_log)) == said.format(moved="")
+
+
 def test_a_result_the_server_did_not_take_within_the_sites_wait_is_named_with_its_bytes_and_time(tmp_path):
     # As in a real run over a shaped link with a 10 s wait: the site sent its result again each time its wait ran out.
     timed_out = (

@@ -15,7 +15,7 @@ import sys
 import pytest
 
 from conftest import ISOLATED, POC_PROJECT, ROOT, UNSHARE, kill, own_poc, processes_left, processes_of, venv_env
-from job import JOB_NAME, result_timeout
+from job import JOB_NAME, transfer_timeout
 from local_run.results import NVFLARE_MODEL_SAVED, NVFLARE_TASK_SENT, log_times
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
@@ -207,15 +207,17 @@ def test_the_exported_job_carries_its_slow_link_settings_to_a_poc(tmp_path):
     assert result.returncode == 0, out[-3000:]
     (job,) = glob.glob(os.path.join(workspace, JOB_NAME, "*", "workspace"))  # the server's folder, kept from the POC
     kept = os.path.dirname(job)
-    # The wait for the server to take a result, as job.py worked it out from the model and --link_mbit, is in each
-    # site's config of the job that ran.
+    # The waits for a task's weights and for the server to take a result, as job.py worked them out from the model
+    # and --link_mbit, are in each site's config of the job that ran.
     model = runpy.run_path(os.path.join(folder, "big_model.py"))["Big"]()
-    expected = result_timeout(model, 2, LINK_MBIT)
+    expected = transfer_timeout(model, 2, LINK_MBIT)
     assert expected > 300  # above NVFlare's default, or the check below would not tell
     for site in ("site-1", "site-2"):
         (config,) = glob.glob(os.path.join(kept, site, "app_" + site, "config", "config_fed_client.json"))
         with open(config) as f:
-            assert json.load(f)["submit_task_result_timeout"] == expected
+            config = json.load(f)
+        assert config["submit_task_result_timeout"] == config["executors"][0]["executor"]["args"]["task_wait_timeout"]
+        assert config["submit_task_result_timeout"] == expected
     sent = log_times(os.path.join(job, "log.txt"), NVFLARE_TASK_SENT)[0]
     assert_the_backbone_went_to_each_site_once(out, sent, kept)
     assert not os.path.exists(os.path.join(str(tmp_path), "poc"))  # job.py's POC is gone

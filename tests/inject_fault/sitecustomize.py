@@ -11,7 +11,10 @@ torchrun).
 
 DDP_EXAMPLE_TRANSFER_FAILS=download or upload: NVFlare's tensor downloads give up (every request times out at once,
 as over a link too slow for its per-request timeout, and after its retries it gives up) in the trainers (download: the
-task's weights) or in the simulator's server (upload: the trainers' results), and nowhere else."""
+task's weights) or in the simulator's server (upload: the trainers' results), and nowhere else. late_download: as
+download, and each site's client forgets a task it sent its trainer as soon as it went, as NVFlare 2.9 does 300 s
+after (the error context of byte_streamer's stream): the trainer's failure comes too late to be heard, as that of a
+download that fails minutes into a slow link."""
 
 import os
 import signal
@@ -71,10 +74,14 @@ def run_client_with_faults() -> None:
 TRANSFER = os.environ.get("DDP_EXAMPLE_TRANSFER_FAILS")
 if TRANSFER:  # only the processes that download keep it: each trainer, or the simulator's server (and its forks)
     timeout = "NVFLARE_TENSOR_STREAMING_PER_REQUEST_TIMEOUT"
-    if os.path.basename(SCRIPT) == {"download": "client.py", "upload": "race_free_simulator.py"}[TRANSFER]:
+    if os.path.basename(SCRIPT) == ("race_free_simulator.py" if TRANSFER == "upload" else "client.py"):
         os.environ[timeout] = "0.000001"
     else:
         os.environ.pop(timeout, None)
+    if TRANSFER == "late_download" and "nvflare.private.fed.app.simulator.simulator_worker" in sys.orig_argv:
+        from nvflare.fuel.f3.streaming import byte_streamer
+
+        byte_streamer.STREAM_ERROR_CONTEXT_TTL = 0
 
 if FAULTS and os.path.basename(SCRIPT) == "client.py":
     run_client_with_faults()
