@@ -246,13 +246,15 @@ def transfer_failed(site: str, site_log: str, server_log: str) -> str | None:
         _, ref, why, _ = down
         offered = re.search(NVFLARE_TX_OFFERED.format(ref=re.escape(ref)), server_log)
         moved = put_out(offered and offered.group(1), server_log)
+        moved = f"the server put out {moved}, then " if moved else ""
         return f"{site}: the task's weights did not arrive (server -> {site}): {moved}NVFlare gave up: {why} {hint}"
     waited = re.search(NVFLARE_TASK_WAIT_ENDED, site_log)
     if waited:  # the trainer was still fetching them
         moved = put_out(last_task_offered(site, server_log), server_log)
         return (
-            f"{site}: the task's weights did not arrive (server -> {site}): {moved}the site's wait for them "
-            f"(task_wait_timeout) ran out after {float(waited.group(1)):.0f} s (a link slower than job.py's "
+            f"{site}: the task's weights did not arrive (server -> {site}): the site's wait for them "
+            f"(task_wait_timeout) ran out after {float(waited.group(1)):.0f} s"
+            f"{f', and the server put out {moved} for them' if moved else ''} (a link slower than job.py's "
             "--link_mbit? docs/performance.md, Slow links)"
         )
     sent = list(re.finditer(rf"^.*?{FLARE_DDP_SENT}", site_log, re.M))
@@ -277,9 +279,10 @@ def transfer_failed(site: str, site_log: str, server_log: str) -> str | None:
 
 
 def put_out(tx: str | None, server_log: str) -> str:
-    """What the server put out for its transaction `tx` (its count, repeats included), leading a sentence, or ""."""
+    """What the server put out for its transaction `tx` by its end ("N bytes in S s": its count, repeats included), or
+    "" where its log does not say."""
     done = tx and re.search(NVFLARE_TX_DONE.format(tx=re.escape(tx)), server_log)
-    return f"the server put out {done.group(2)} bytes in {float(done.group(1)):.1f} s, then " if done else ""
+    return f"{done.group(2)} bytes in {float(done.group(1)):.1f} s" if done else ""
 
 
 def last_task_offered(site: str, server_log: str) -> str | None:

@@ -254,16 +254,15 @@ def test_task_weights_still_on_their_way_when_the_sites_wait_ran_out_are_named_w
         "task_name=train] - TASK_READY timed out after 300.0s while TASK_READY was pending for task 'train'\n",
     )  # fmt: skip
     said = (
-        "site-1: the task's weights did not arrive (server -> site-1): {moved}the site's wait for them "
-        "(task_wait_timeout) ran out after 300 s (a link slower than job.py's --link_mbit? docs/performance.md, Slow "
-        "links)"
+        "site-1: the task's weights did not arrive (server -> site-1): the site's wait for them (task_wait_timeout) "
+        "ran out after 300 s{moved} (a link slower than job.py's --link_mbit? docs/performance.md, Slow links)"
     )
     server_log.write_text(
         task.format(s=10, site="site-2", tx="T2") + offer.format(s=10, tx="T2")
         + task.format(s=11, site="site-1", tx="T1") + offer.format(s=11, tx="T1") + end
         + done.format(s=20, tx="T2", n="8,000,000") + done.format(s=21, tx="T1", n="3,000,000")
     )  # fmt: skip
-    moved = "the server put out 3,000,000 bytes in 301.2 s, then "
+    moved = ", and the server put out 3,000,000 bytes in 301.2 s for them"
     assert diagnose(str(tmp_path), "site-1", str(server_log)) == said.format(moved=moved)
     # Both sites' tasks given before either's tensors were offered: which transaction is whose, the log does not say.
     server_log.write_text(
