@@ -67,13 +67,12 @@ def check_data(data_root: str) -> str | None:
 
 
 JOB_NAME = "pt_ddp_fedavg"  # the job's name, and its folder in every workspace
-# A site waits for two transfers over the server's link, each bounded by transfer_timeout: the task's weights (its
-# trainer downloads them before it takes the task: task_wait_timeout, unbounded in NVFlare; a download that failed
-# more than 300 s after the task went out was never reported to the site's client, and the job hung), and the server's
-# taking its result (submit_task_result_timeout: the server fetches the result's tensors before it answers, and a site
-# whose wait runs out sends the result again, which over a slow link failed the job). Each wait is
-# TRANSFER_WAIT_MARGIN times as long as the whole model to or from every site takes at --link_mbit, and never less
-# than NVFlare's own default for the second (docs/performance.md, Slow links).
+# A site waits for two transfers over the server's link: its task's weights, which its trainer fetches before it
+# takes the task (task_wait_timeout; NVFlare sets no bound, and a fetch that failed more than 300 s after the task
+# went out was never heard: the job hung), and the server's taking its result, which the server fetches before it
+# answers (submit_task_result_timeout; a site whose wait runs out sends its result again). Each wait is
+# TRANSFER_WAIT_MARGIN times what the whole model to or from every site takes at --link_mbit, and at least NVFlare's
+# default for the second (docs/performance.md, Slow links).
 TRANSFER_WAIT_MARGIN = 2.0
 NVFLARE_REQUEST_TIMEOUT = 300.0  # NVFlare's communication timeout, its default for submit_task_result_timeout
 DEFAULT_LINK_MBIT = 10.0
